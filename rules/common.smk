@@ -1,0 +1,26 @@
+# Shared helpers: config validation, per-rule resources, target lists.
+
+from snakemake.utils import validate
+
+from balancedbio.config import apply_environment_overrides, check_schema, check_semantics
+
+
+# Schema first (one short line per wrong key, then Snakemake fills the defaults), then the
+# env overrides and the checks the schema cannot express; all stop the run before any rule.
+check_schema(config, workflow.source_path("../config/schema.yaml"))
+validate(config, "../config/schema.yaml", set_default=True)
+apply_environment_overrides(config, workflow.basedir)
+check_semantics(config)
+
+
+def rule_resources(rule_name):
+    """The `default` resources overlaid with the rule's own entry from config['resources']."""
+    merged = dict(config["resources"]["default"])
+    merged.update(config["resources"].get(rule_name) or {})
+    return merged
+
+
+def final_targets():
+    return [
+        "results/models/base",
+    ]

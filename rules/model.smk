@@ -1,0 +1,24 @@
+# Stage 1: model preparation. Any source (embedded GGUF, local folder, hub id) becomes one
+# plain safetensors folder, converted once; every later rule loads it in seconds.
+
+
+rule prepare_model:
+    output:
+        directory("results/models/base"),
+    params:
+        source=config["model"]["source"],
+        revision=config["model"]["revision"],
+        dtype=config["model"]["dtype"],
+        trust_remote_code=config["model"]["trust_remote_code"],
+        chat_template=config["model"]["chat_template"],
+    log:
+        "logs/prepare_model.log",
+    benchmark:
+        "benchmarks/prepare_model.tsv"
+    threads: rule_resources("prepare_model")["cpus_per_task"]
+    resources:
+        **rule_resources("prepare_model"),
+    conda:
+        "../envs/balancedbio.yaml"
+    script:
+        "../workflow/scripts/prepare_model.py"

@@ -1,0 +1,47 @@
+"""Shared fixtures: the repository root, a Snakemake runner, one end-to-end smoke run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_BENCHMARKS = (REPO / ".." / "shared" / "benchmarks").resolve()
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def run_snakemake(*args: str, workdir: Path | None = None, env: dict | None = None,
+                  check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run Snakemake on the repository's Snakefile, optionally in another working directory."""
+    cmd = [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile")]
+    if workdir is not None:
+        cmd += ["--directory", str(workdir)]
+    cmd += list(args)
+    full_env = {**os.environ, **(env or {})}
+    # Scripts run with this interpreter; make sure they import the same package.
+    full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=full_env, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def smoke_workdir(tmp_path_factory) -> Path:
+    """A working directory in which the smoke config ran `prepare_model` for real."""
+    workdir = tmp_path_factory.mktemp("smoke_run")
+    # Targets go first: --configfile takes every following word as another config file.
+    run_snakemake("results/models/base", "--cores", "2", "--configfile", str(REPO / "config" / "smoke.yaml"),
+                  workdir=workdir,
+                  env={"BALANCEDBIO_BENCHMARKS_DIR": str(SHARED_BENCHMARKS)})
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def prepared_model_dir(smoke_workdir) -> Path:
+    return smoke_workdir / "results" / "models" / "base"

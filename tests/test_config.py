@@ -1,0 +1,62 @@
+"""Configuration: the three shipped configs validate; wrong keys and types are named."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from balancedbio.config import BENCHMARKS_DIR_ENV, ConfigError, load_config
+
+from conftest import REPO
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "paper.yaml", "smoke.yaml"])
+def test_shipped_configs_validate_and_get_defaults(name):
+    config = load_config(REPO / "config" / name)
+    assert config["model"]["trust_remote_code"] is False
+    assert config["resources"]["default"]["gpu"] >= 0
+    assert "revision" in config["model"]  # filled from the schema's default
+
+
+def test_paper_config_matches_section_5_3():
+    config = load_config(REPO / "config" / "paper.yaml")
+    assert config["model"]["source"] == "Qwen/Qwen2.5-7B-Instruct"
+    assert config["grpo"]["num_generations"] == 16
+    assert config["grpo"]["beta"] == pytest.approx(0.04)
+    assert config["training"]["learning_rate"] == pytest.approx(1e-6)
+    assert config["training"]["lr_scheduler_type"] == "cosine"
+    assert config["training"]["max_length"] == 2048
+
+
+def _write(tmp_path, data):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.sorce: unknown key \(did you mean 'source'\?\)"):
+        load_config(_write(tmp_path, {"model": {"sorce": "embedded:smollm2-135m-instruct"}}))
+
+
+def test_wrong_type_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"grpo\.num_generations: 'four' is not of type 'integer'"):
+        load_config(_write(tmp_path, {"grpo": {"num_generations": "four"}}))
+
+
+def test_out_of_range_gpu_count_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"resources\.default\.gpu: -1 is less than the minimum of 0"):
+        load_config(_write(tmp_path, {"resources": {"default": {"gpu": -1}}}))
+
+
+def test_bad_model_source_is_reported_under_its_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.source: Unknown embedded model"):
+        load_config(_write(tmp_path, {"model": {"source": "embedded:nope"}}))
+
+
+def test_benchmarks_dir_env_override(tmp_path, monkeypatch):
+    monkeypatch.setenv(BENCHMARKS_DIR_ENV, str(tmp_path))
+    assert load_config(REPO / "config" / "config.yaml")["benchmarks_dir"] == str(tmp_path)
+    monkeypatch.delenv(BENCHMARKS_DIR_ENV)
+    expected = (REPO / ".." / "shared" / "benchmarks").resolve()
+    assert load_config(REPO / "config" / "config.yaml")["benchmarks_dir"] == str(expected)

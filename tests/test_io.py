@@ -1,0 +1,40 @@
+"""Atomic writes and JSONL reading with file:line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from balancedbio.io import DataFormatError, atomic_dir, atomic_file, read_jsonl, write_jsonl
+
+
+def test_failed_atomic_dir_leaves_previous_output_untouched(tmp_path):
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("v1")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "weights").write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert (target / "weights").read_text() == "v1"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"], "no partial folder may remain"
+
+
+def test_failed_atomic_file_leaves_no_file(tmp_path):
+    target = tmp_path / "out.json"
+    with pytest.raises(ValueError):
+        with atomic_file(target) as handle:
+            handle.write("{")
+            raise ValueError
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_jsonl_roundtrip_and_malformed_line_names_file_and_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    assert write_jsonl(path, [{"a": 1}, {"a": "é"}]) == 2
+    assert list(read_jsonl(path)) == [{"a": 1}, {"a": "é"}]
+    path.write_text('{"a": 1}\n\n{"a": \n[1, 2]\n')
+    with pytest.raises(DataFormatError, match=rf"{path}:3: not valid JSON"):
+        list(read_jsonl(path))
+    path.write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(DataFormatError, match=rf"{path}:2: expected a JSON object, got list"):
+        list(read_jsonl(path))
