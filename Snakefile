@@ -23,6 +23,7 @@ localrules:
 
 include: "rules/common.smk"
 include: "rules/model.smk"
+include: "rules/data.smk"
 
 
 rule all:

@@ -1,5 +1,7 @@
 # Shared helpers: config validation, per-rule resources, target lists.
 
+import os
+
 from snakemake.utils import validate
 
 from balancedbio.config import apply_environment_overrides, check_schema, check_semantics
@@ -23,4 +25,22 @@ def rule_resources(rule_name):
 def final_targets():
     return [
         "results/models/base",
+        "results/data/decontamination.json",
     ]
+
+
+def external_datasets():
+    return [d["name"] for d in config["ingest"]]
+
+
+def ingest_spec(name):
+    return next(d for d in config["ingest"] if d["name"] == name)
+
+
+def benchmark_test_files(wildcards):
+    """The benchmark test sets present under benchmarks_dir (absent ones are reported, not required)."""
+    root = config["benchmarks_dir"]
+    if not root:
+        return []
+    names = config["decontamination"]["benchmarks"]
+    return [p for p in (os.path.join(root, n, "test.jsonl") for n in names) if os.path.isfile(p)]

@@ -31,15 +31,22 @@ def run_snakemake(*args: str, workdir: Path | None = None, env: dict | None = No
     return result
 
 
+SMOKE_ENV = {"BALANCEDBIO_BENCHMARKS_DIR": str(SHARED_BENCHMARKS)}
+
+
 @pytest.fixture(scope="session")
 def smoke_workdir(tmp_path_factory) -> Path:
-    """A working directory in which the smoke config ran `prepare_model` for real."""
+    """A working directory in which the smoke config ran the whole workflow for real."""
     workdir = tmp_path_factory.mktemp("smoke_run")
-    # Targets go first: --configfile takes every following word as another config file.
-    run_snakemake("results/models/base", "--cores", "2", "--configfile", str(REPO / "config" / "smoke.yaml"),
-                  workdir=workdir,
-                  env={"BALANCEDBIO_BENCHMARKS_DIR": str(SHARED_BENCHMARKS)})
+    run_snakemake("--cores", "2", "--configfile", str(REPO / "config" / "smoke.yaml"), workdir=workdir, env=SMOKE_ENV)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def smoke_graph(smoke_workdir):
+    from balancedbio.data.kg import KnowledgeGraph
+
+    return KnowledgeGraph.load(smoke_workdir / "results" / "data" / "kg" / "graph.json.gz")
 
 
 @pytest.fixture(scope="session")
