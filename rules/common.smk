@@ -22,6 +22,27 @@ def rule_resources(rule_name):
     return merged
 
 
+def code_digest(*relative_paths):
+    """Digest of package source files: a rule whose logic changed reruns (Snakemake's own code
+    trigger only sees the thin script, not the package it calls)."""
+    import hashlib
+
+    package = os.path.join(workflow.basedir, "src", "balancedbio")
+    digest = hashlib.sha256()
+    for rel in relative_paths:
+        path = os.path.join(package, rel)
+        files = sorted(
+            os.path.join(root, f)
+            for root, _, names in os.walk(path)
+            for f in names
+            if f.endswith(".py")
+        ) if os.path.isdir(path) else [path]
+        for file in files:
+            with open(file, "rb") as handle:
+                digest.update(handle.read())
+    return digest.hexdigest()[:16]
+
+
 def final_targets():
     return [
         "results/models/base",

@@ -6,6 +6,8 @@
 rule build_kg:
     output:
         "results/data/kg/graph.json.gz",
+    params:
+        code=code_digest("data/kg.py"),
     log:
         "logs/build_kg.log",
     benchmark:
@@ -33,6 +35,7 @@ rule kg_synth:
         kg=config["kg"],
         sft=config["sft_data"],
         seed=config["seed"],
+        code=code_digest("data", "ifeval.py", "nltk_data.py"),
     log:
         "logs/kg_synth.log",
     benchmark:
@@ -56,6 +59,7 @@ rule instruct_prompts:
         instruct=config["instruct"],
         seed=config["seed"],
         benchmarks_dir=config["benchmarks_dir"],
+        code=code_digest("data/instruct.py", "data/pipeline.py", "ifeval.py"),
     log:
         "logs/instruct_prompts.log",
     benchmark:
@@ -75,6 +79,7 @@ rule ingest:
         status="results/data/external/{dataset}.status.json",
     params:
         spec=lambda wildcards: ingest_spec(wildcards.dataset),
+        code=code_digest("data/ingest.py"),
     log:
         "logs/ingest/{dataset}.log",
     benchmark:
@@ -113,6 +118,7 @@ rule decontaminate:
         ngram=config["decontamination"]["ngram"],
         threshold=config["decontamination"]["threshold"],
         external=[(d["name"], d["schema"]) for d in config["ingest"]],
+        code=code_digest("data/decontam.py", "data/pipeline.py"),
     log:
         "logs/decontaminate.log",
     benchmark:

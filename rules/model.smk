@@ -11,6 +11,7 @@ rule prepare_model:
         dtype=config["model"]["dtype"],
         trust_remote_code=config["model"]["trust_remote_code"],
         chat_template=config["model"]["chat_template"],
+        code=code_digest("models.py", "io.py"),
     log:
         "logs/prepare_model.log",
     benchmark:

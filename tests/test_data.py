@@ -15,6 +15,7 @@ import pytest
 
 from balancedbio.data.decontam import BenchmarkIndex, decontaminate, load_benchmark_texts
 from balancedbio.data.ingest import IngestError, ingest
+from balancedbio.data.kg import series_name
 from balancedbio.data.mcq import QUESTION_KINDS, candidate_from_row, generate_questions, validate
 from balancedbio.data.reasoning import FALLACIOUS, LABELS, NEUTRAL, VALID
 from balancedbio.io import read_jsonl
@@ -90,12 +91,16 @@ def test_validation_rejects_ancestor_wrong_type_and_unsupported_key(questions, s
     assert validate(kg, swapped) == "key_not_supported"
 
 
-def test_no_entity_crosses_the_split(questions, smoke_workdir):
+def test_no_entity_crosses_the_split(questions, smoke_workdir, smoke_graph):
+    kg = smoke_graph
     for field in ("diseases", "genes", "icd10cm"):
         by_split = {s: {e for r in rows for e in r["entities"][field]} for s, rows in questions.items()}
         assert not by_split["train"] & by_split["test"], field
         assert not by_split["train"] & by_split["val"], field
         assert not by_split["val"] & by_split["test"], field
+    families = {s: {series_name(kg.name(d)) for r in rows for d in r["entities"]["diseases"]}
+                for s, rows in questions.items()}
+    assert not families["train"] & families["test"], "numbered subtypes of one disease family must not cross"
     split_of = {r["id"]: s for s, rows in questions.items() for r in rows}
     for chain in _rows(smoke_workdir, "kg/steps.jsonl"):
         assert chain["split"] == split_of[chain["question_id"]]

@@ -47,7 +47,7 @@ FREQUENCY_TERMS = {
     "HP:0040284": 0.02,  # Very rare (1-4%)
     "HP:0040285": 0.0,  # Excluded
 }
-_SERIES_SUFFIX = re.compile(r"(,?\s+(type\s+)?([0-9]+[a-z]?|[ivx]+|[a-z]))+$", re.IGNORECASE)
+_SERIES_SUFFIX = re.compile(r"(,?\s+(type\s+)?([0-9]+[a-z]?|[ivx]+[a-z]?|[a-z]))+$", re.IGNORECASE)
 GRAPH_FORMAT_VERSION = 1
 
 

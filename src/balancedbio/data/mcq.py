@@ -56,10 +56,15 @@ class Candidate:
 
 
 class Splitter:
-    def __init__(self, seed: int, val_fraction: float, test_fraction: float):
-        self.seed, self.val, self.test = seed, val_fraction, test_fraction
+    """Split of an entity. Numbered subtypes of one disease family share a split, so that
+    'Noonan syndrome 1' in train cannot leak 'Noonan syndrome 3' in test."""
+
+    def __init__(self, seed: int, val_fraction: float, test_fraction: float, kg: KnowledgeGraph | None = None):
+        self.seed, self.val, self.test, self.kg = seed, val_fraction, test_fraction, kg
 
     def __call__(self, entity: str) -> str:
+        if self.kg is not None and entity in self.kg.diseases:
+            entity = "family:" + series_name(self.kg.diseases[entity].name)
         return entity_split(entity, self.seed, self.val, self.test)
 
 
@@ -625,7 +630,7 @@ def generate_questions(kg: KnowledgeGraph, *, num_questions: int, kinds: dict[st
     unknown = sorted(set(kinds) - set(QUESTION_KINDS))
     if unknown:
         raise ValueError(f"unknown question kinds {unknown}; known: {sorted(QUESTION_KINDS)}")
-    splitter = Splitter(seed, val_fraction, test_fraction)
+    splitter = Splitter(seed, val_fraction, test_fraction, kg)
     pools = Pools(kg, splitter)
     total_weight = sum(kinds.values())
     rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
