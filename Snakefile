@@ -24,6 +24,7 @@ localrules:
 include: "rules/common.smk"
 include: "rules/model.smk"
 include: "rules/data.smk"
+include: "rules/prm.smk"
 
 
 rule all:

@@ -47,6 +47,7 @@ def final_targets():
     return [
         "results/models/base",
         "results/data/decontamination.json",
+        "results/prm/metrics.json",
     ]
 
 

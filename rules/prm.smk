@@ -1,0 +1,28 @@
+# Stage 3: the process reward model, a step classifier (valid / neutral / fallacious) trained
+# on the labelled reasoning chains, evaluated on the entity-held-out test split.
+
+
+rule train_prm:
+    input:
+        # Clean steps: the KG chains plus any ingested PRM800K-style `steps` datasets.
+        steps=rules.decontaminate.output.steps,
+    output:
+        model=directory("results/models/prm"),
+        metrics=report("results/prm/metrics.json", caption="../workflow/report/prm.rst", category="PRM"),
+        confusion=report("results/prm/confusion_matrix.png", caption="../workflow/report/prm.rst", category="PRM"),
+    params:
+        prm=config["prm"],
+        seed=config["seed"],
+        checkpoints="results/prm/checkpoints",
+        code=code_digest("prm.py"),
+    log:
+        "logs/train_prm.log",
+    benchmark:
+        "benchmarks/train_prm.tsv"
+    threads: rule_resources("train_prm")["cpus_per_task"]
+    resources:
+        **rule_resources("train_prm"),
+    conda:
+        "../envs/balancedbio.yaml"
+    script:
+        "../workflow/scripts/train_prm.py"

@@ -1,0 +1,157 @@
+"""Reward functions on real strings, answer extraction, step splitting, and a fuzz of junk."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from balancedbio.answers import extract_choice
+from balancedbio.prm import LABEL2ID, split_steps
+from balancedbio.rewards import AccuracyReward, InstructionReward, ReasoningReward
+
+OPTIONS = {"A": "Liver", "B": "Pancreas", "C": "Spleen", "D": "Kidney"}
+
+
+@pytest.mark.parametrize("text, letter", [
+    ("Answer: B", "B"),
+    ("Step 1: Insulin comes from beta cells.\nAnswer: B", "B"),
+    ("The correct answer is (B).", "B"),
+    ("the answer is b.", "B"),
+    ('{"answer": "B", "reason": "beta cells"}', "B"),
+    ("Final answer: **B**", "B"),
+    ("Answer: Pancreas", "B"),
+    ("I think it is (B).", "B"),
+    ("B", "B"),
+    ("Answer: A\nWait, that is wrong. The answer is B.", "B"),  # the last answer wins
+    ("A. Liver is wrong. Answer: B", "B"),
+])
+def test_answer_extraction_reads_the_committed_letter(text, letter):
+    assert extract_choice(text, OPTIONS).letter == letter
+
+
+@pytest.mark.parametrize("text, status", [
+    ("The answer is A or B.", "hedge"),
+    ("Answer: B/D", "hedge"),
+    ("", "no_answer"),
+    ("I am not sure.", "no_answer"),
+    ("The answer is a difficult one.", "no_answer"),
+])
+def test_hedges_and_non_answers_get_no_letter(text, status):
+    result = extract_choice(text, OPTIONS)
+    assert (result.letter, result.status) == (None, status)
+
+
+def test_accuracy_reward_on_plain_and_chat_completions():
+    reward = AccuracyReward()
+    completions = ["Step 1: beta cells.\nAnswer: B", [{"role": "assistant", "content": "Answer: C"}],
+                   "The answer is A or B.", "Answer: B"]
+    values = reward(prompts=["q"] * 4, completions=completions, answer=["B", "B", "B", None],
+                    options=[OPTIONS] * 4)
+    assert values == [1.0, 0.0, 0.0, None]  # no answer column: not applicable
+    assert reward.last_success == [True, False, False, None]
+    assert reward.stats["parse_hedge"] == 1 and reward.stats["not_applicable"] == 1
+
+
+def test_instruction_reward_is_the_fraction_of_constraints_met():
+    reward = InstructionReward()
+    ids = ["change_case:english_lowercase", "detectable_format:number_bullet_lists", "startend:end_checker"]
+    kwargs = [{}, {"num_bullets": 2}, {"end_phrase": "Any other questions?"}]
+    good = "* insulin comes from the pancreas\n* beta cells make it\nany other questions?"
+    two_of_three = "* Insulin comes from the pancreas\n* beta cells make it\nAny other questions?"
+    bad = "Insulin comes from the pancreas."
+    values = reward(prompts=["p"] * 4, completions=[good, two_of_three, bad, "x"],
+                    instruction_id_list=[ids, ids, ids, []], kwargs=[kwargs, kwargs, kwargs, []])
+    assert values[0] == 1.0
+    assert values[1] == pytest.approx(2 / 3)  # capital letters break only the lower-case rule
+    assert values[2] == 0.0
+    assert values[3] is None
+    assert reward.last_success == [True, False, False, None]
+
+
+def test_instruction_reward_counts_sentences_offline():
+    reward = InstructionReward()
+    ids, kwargs = ["length_constraints:number_sentences"], [{"num_sentences": 3, "relation": "less than"}]
+    values = reward(prompts=["p", "p"], completions=["Dr. Lee saw him. He was fine.", "One. Two. Three. Four."],
+                    instruction_id_list=[ids, ids], kwargs=[kwargs, kwargs])
+    assert values == [1.0, 0.0]
+
+
+def test_loose_mode_forgives_a_leading_line():
+    ids, kwargs = ["startend:quotation"], [{}]
+    text = 'Sure, here it is:\n"Insulin is made in the pancreas."'
+    strict = InstructionReward()(prompts=["p"], completions=[text], instruction_id_list=[ids], kwargs=[kwargs])
+    loose = InstructionReward(loose=True)(prompts=["p"], completions=[text], instruction_id_list=[ids], kwargs=[kwargs])
+    assert strict == [0.0] and loose == [1.0]
+
+
+class FakeScorer:
+    """Scores every step by a fixed margin per keyword, to test the reward arithmetic."""
+
+    def score_completions(self, questions, completions, aggregate="mean"):
+        out = []
+        for completion in completions:
+            steps = split_steps(completion)
+            if not steps:
+                out.append(None)
+                continue
+            values = np.array([-3.0 if "wrong" in s else 2.0 for s in steps])
+            out.append(float(values.min() if aggregate == "min" else values.mean()))
+        return out
+
+
+def test_reasoning_reward_is_sigmoid_plus_capped_length_term():
+    reward = ReasoningReward(FakeScorer(), gamma=0.01, length_target=5)
+    good = "Step 1: fine.\nStep 2: fine again.\nAnswer: B"
+    mixed = "Step 1: fine.\nStep 2: wrong.\nAnswer: B"
+    values = reward(prompts=["q"] * 4, completions=[good, mixed, "", good],
+                    capability=["medical", "medical", "medical", "instruction"], question=["q"] * 4)
+    words = len(good.split())
+    assert values[0] == pytest.approx(1 / (1 + math.exp(-2.0)) + 0.01 * min(words, 5))
+    assert values[1] == pytest.approx(1 / (1 + math.exp(0.5)) + 0.01 * 5)
+    assert values[2] == 0.0  # no steps: only the (empty) length term
+    assert values[3] is None  # instruction prompts get no reasoning reward
+    assert reward.last_success == [True, False, False, None]
+    assert ReasoningReward(FakeScorer(), aggregate="min")(
+        prompts=["q"], completions=[mixed], question=["q"])[0] < values[1]
+
+
+@pytest.mark.parametrize("text, steps", [
+    ("Step 1: A.\nStep 2: B.\nAnswer: C", ["A.", "B."]),
+    ("Step 1: A. Step 2: B.", ["A.", "B."]),
+    ("1. first\n2) second\n- third", ["first", "second", "third"]),
+    ("First this. Then that. So C.", ["First this.", "Then that.", "So C."]),
+    ("", []),
+])
+def test_split_steps(text, steps):
+    assert split_steps(text) == steps
+
+
+def test_label_ids_are_stable():
+    assert LABEL2ID == {"valid": 0, "neutral": 1, "fallacious": 2}
+
+
+junk = st.one_of(
+    st.text(max_size=400),
+    st.binary(max_size=200).map(lambda b: b.decode("latin-1")),
+    st.text(alphabet="{}[]\":,ABCDE \n*()", max_size=200),
+    st.just("{" * 5000),
+    st.just("Answer: " * 2000),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=junk)
+def test_rewards_never_raise_on_junk(text):
+    acc = AccuracyReward()(prompts=["q"], completions=[text], answer=["B"], options=[OPTIONS])
+    assert acc[0] in (0.0, 1.0)
+    inst = InstructionReward()(prompts=["q"], completions=[text],
+                               instruction_id_list=[["detectable_format:json_format", "keywords:forbidden_words"]],
+                               kwargs=[[{}, {"forbidden_words": ["cure"]}]])
+    assert 0.0 <= inst[0] <= 1.0
+    reas = ReasoningReward(FakeScorer())(prompts=["q"], completions=[text], question=["q"])
+    assert reas[0] is not None and 0.0 <= reas[0] <= 1.0 + 0.001 * 200
+    assert isinstance(split_steps(text), list)
