@@ -13,7 +13,7 @@ from conftest import REPO, SHARED_BENCHMARKS, run_snakemake
 def test_dry_run_plans_the_full_dag(config_name, tmp_path):
     result = run_snakemake("-n", "--configfile", str(REPO / "config" / config_name), workdir=tmp_path)
     plan = result.stdout + result.stderr
-    for rule in ("prepare_model", "build_kg", "kg_synth", "instruct_prompts", "decontaminate"):
+    for rule in ("prepare_model", "build_kg", "kg_synth", "instruct_prompts", "decontaminate", "train_prm"):
         assert f"rule {rule}:" in plan
     assert "This was a dry-run" in plan
 

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -202,7 +203,7 @@ def chain_ranking(scorer: PRMScorer, chains: list[dict]) -> dict:
 
 
 def train_prm(*, steps_path: str, encoder: str, out_dir: str, metrics_path: str, checkpoint_dir: str,
-              prm_config: dict, seed: int, trust_remote_code: bool = False) -> dict:
+              prm_config: dict, seed: int, trust_remote_code: bool = False, callbacks: list | None = None) -> dict:
     """Fine-tune the step classifier on the train split; metrics on the entity-held-out test split."""
     import torch
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
@@ -251,7 +252,7 @@ def train_prm(*, steps_path: str, encoder: str, out_dir: str, metrics_path: str,
         use_cpu=not torch.cuda.is_available(),
     )
     trainer = Trainer(model=model, args=args, train_dataset=train_set,
-                      data_collator=DataCollatorWithPadding(tokenizer))
+                      data_collator=DataCollatorWithPadding(tokenizer), callbacks=callbacks)
     resume = any(Path(checkpoint_dir).glob("checkpoint-*"))
     if resume:
         log.info("Resuming PRM training from the last checkpoint in %s", checkpoint_dir)
@@ -274,6 +275,7 @@ def train_prm(*, steps_path: str, encoder: str, out_dir: str, metrics_path: str,
         (tmp / "balancedbio_prm.json").write_text(json.dumps({"labels": list(LABELS), "context_steps": CONTEXT_STEPS,
                                                               "max_length": prm_config["max_length"]}, indent=2))
     write_json(metrics_path, metrics)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # done: a later run must start fresh, not resume
     log.info("PRM: held-out macro-F1 %.3f, per class %s, sound chain above flawed %.1f%% (%d pairs), %.0f s",
              metrics["test"]["macro_f1"], metrics["test"]["per_class_f1"],
              100 * metrics["test_chain_ranking"]["sound_above_flawed"], metrics["test_chain_ranking"]["pairs"],
