@@ -9,7 +9,7 @@ import pytest
 from transformers import TrainerCallback
 
 from balancedbio.io import read_jsonl, write_jsonl
-from balancedbio.prm import PRMScorer, train_prm
+from balancedbio.prm import PRMScorer, chain_ranking, train_prm
 
 pytestmark = pytest.mark.slow
 
@@ -27,21 +27,15 @@ def test_metrics_report_held_out_f1_and_confusion(smoke_workdir):
 
 
 def test_prm_ranks_sound_chains_above_planted_fallacies(smoke_workdir):
+    """Held-out questions (entities never seen in training): each sound chain against the same
+    question's chains with planted fallacies (corrupted fact, wrong inference, non-sequitur)."""
     scorer = PRMScorer(smoke_workdir / "results" / "models" / "prm")
     chains = [c for c in read_jsonl(smoke_workdir / "results" / "data" / "clean" / "steps.jsonl")
-              if c["split"] == "test" and c["chain"] == "sound"]
-    assert len(chains) >= 5
-    wins = 0
-    for chain in chains:
-        steps = [s["text"] for s in chain["steps"]]
-        options = dict(line.split(". ", 1) for line in chain["question"].splitlines()
-                       if len(line) > 3 and line[0] in "ABCD" and line[1:3] == ". ")
-        wrong = next(letter for letter in options if letter != chain["answer"])
-        planted = steps[:-1] + [f"Therefore, the answer is {wrong}: {options[wrong]}."]
-        sound_score = scorer.step_margins(chain["question"], steps).mean()
-        planted_score = scorer.step_margins(chain["question"], planted).mean()
-        wins += sound_score > planted_score
-    assert wins / len(chains) >= 0.7, f"sound above planted in {wins}/{len(chains)} held-out chains"
+              if c["split"] == "test"]
+    ranking = chain_ranking(scorer, chains)
+    assert ranking["pairs"] >= 10
+    # Chance is 0.5; the smoke PRM measured 0.93 on 14 pairs, the embedded default's 0.84 on 200.
+    assert ranking["sound_above_flawed"] >= 0.75, ranking
 
 
 class _Interrupt(TrainerCallback):

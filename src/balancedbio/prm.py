@@ -31,7 +31,7 @@ from balancedbio.io import atomic_dir, read_jsonl, write_json
 
 log = logging.getLogger(__name__)
 LABEL2ID = {label: i for i, label in enumerate(LABELS)}
-CONTEXT_STEPS = 2
+CONTEXT_STEPS = 3
 
 _STEP_MARKER = re.compile(r"^\s*(?:step\s*\d+\s*[:.)-]|\d+\s*[.)]|[-*•]\s+)\s*", re.IGNORECASE)
 _ANSWER_LINE = re.compile(rf"^\s*\**\s*(?:final\s+)?{ANSWER_PREFIX[:-1]}\s*:", re.IGNORECASE)
@@ -118,7 +118,7 @@ class PRMScorer:
         with self._torch.inference_mode():
             for start in range(0, len(pairs), self.batch_size):
                 chunk = pairs[start:start + self.batch_size]
-                enc = self.tokenizer([c for c, _ in chunk], [s for _, s in chunk], truncation="only_first",
+                enc = self.tokenizer([c for c, _ in chunk], [s for _, s in chunk], truncation="longest_first",
                                      max_length=self.max_length, padding=True, return_tensors="pt").to(self.device)
                 logits = self.model(**enc).logits.float()
                 out.append(self._torch.softmax(logits, dim=-1).cpu().numpy())
@@ -159,7 +159,7 @@ def _tokenize(tokenizer, examples: list[dict], max_length: int):
     from datasets import Dataset
 
     dataset = Dataset.from_list([{"context": e["context"], "step": e["step"], "label": e["label"]} for e in examples])
-    return dataset.map(lambda b: tokenizer(b["context"], b["step"], truncation="only_first", max_length=max_length),
+    return dataset.map(lambda b: tokenizer(b["context"], b["step"], truncation="longest_first", max_length=max_length),
                        batched=True, remove_columns=["context", "step"])
 
 
