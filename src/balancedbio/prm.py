@@ -139,9 +139,10 @@ class PRMScorer:
                 pairs.append(build_input(question, steps[:i], step))
                 owners.append(index)
         per_step = margins(self.predict_proba(pairs))
+        owner_of = np.array(owners, dtype=np.int64)
         scores: list[float | None] = [None] * len(completions)
         for index in range(len(completions)):
-            values = per_step[[i for i, owner in enumerate(owners) if owner == index]]
+            values = per_step[owner_of == index]
             if len(values):
                 scores[index] = float(values.min() if aggregate == "min" else values.mean())
         return scores
