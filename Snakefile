@@ -19,12 +19,16 @@ report: "workflow/report/workflow.rst"
 
 localrules:
     all,
+    ablations,
+    group_size_sweep,
 
 
 include: "rules/common.smk"
 include: "rules/model.smk"
 include: "rules/data.smk"
 include: "rules/prm.smk"
+include: "rules/sft.smk"
+include: "rules/grpo.smk"
 
 
 rule all:

@@ -48,7 +48,22 @@ def final_targets():
         "results/models/base",
         "results/data/decontamination.json",
         "results/prm/metrics.json",
+        "results/sft/metrics.json",
+        *grpo_targets(config["grpo"]["variants"]),
     ]
+
+
+def grpo_targets(variants):
+    return [f"results/grpo_{v}/dynamics.jsonl" for v in variants]
+
+
+def training_launcher(rule_name):
+    """`python` on one device, `accelerate launch` (+ DeepSpeed when configured) on several."""
+    from balancedbio.launch import launch_prefix
+
+    return launch_prefix(int(rule_resources(rule_name).get("gpu", 0)),
+                         deepspeed_config=config["training"]["deepspeed_config"],
+                         bf16=config["training"]["bf16"])
 
 
 def external_datasets():

@@ -1,0 +1,58 @@
+# Stage 5: capability-aware GRPO, one job per variant: `full` (the paper's method), the
+# ablations of Table 2, the DWA / PCGrad / GradVac baselines and the group-size sweep.
+
+import json
+
+from balancedbio.grpo import ABLATION_VARIANTS, GROUP_SIZES, variant_settings
+
+
+wildcard_constraints:
+    variant="full|static_weights|no_prm|no_aoc|ppo|dwa|pcgrad|gradvac|g[0-9]+",
+
+
+def grpo_prm(wildcards):
+    # The no_prm ablation does not wait for (or need) the process reward model.
+    return [] if wildcards.variant == "no_prm" else rules.train_prm.output.model
+
+
+rule grpo:
+    input:
+        model=rules.sft.output.model,
+        mcq=rules.decontaminate.output.mcq_train,
+        prompts=rules.decontaminate.output.prompts,
+        prm=grpo_prm,
+    output:
+        model=directory("results/models/grpo_{variant}"),
+        dynamics="results/grpo_{variant}/dynamics.jsonl",
+        figure=report("results/grpo_{variant}/dynamics.png", caption="../workflow/report/grpo.rst",
+                      category="GRPO", subcategory="{variant}"),
+    params:
+        launch=training_launcher("grpo"),
+        settings=lambda wc: json.dumps(variant_settings(config, wc.variant), sort_keys=True),
+        prm=lambda wc, input: f"--prm {input.prm}" if input.prm else "",
+        checkpoints="results/grpo_{variant}/checkpoints",
+        code=code_digest("grpo.py", "ppo.py", "aoc.py", "weights.py", "rewards.py", "prm.py", "train.py"),
+    log:
+        "logs/grpo_{variant}.log",
+    benchmark:
+        "benchmarks/grpo_{variant}.tsv"
+    threads: rule_resources("grpo")["cpus_per_task"]
+    resources:
+        **rule_resources("grpo"),
+    conda:
+        "../envs/balancedbio.yaml"
+    shell:
+        "{params.launch} -m balancedbio.train grpo --model {input.model} --mcq {input.mcq}"
+        " --prompts {input.prompts} {params.prm} --out {output.model} --dynamics {output.dynamics}"
+        " --figure {output.figure} --checkpoints {params.checkpoints} --settings {params.settings:q}"
+        " > {log} 2>&1"
+
+
+rule ablations:
+    input:
+        grpo_targets(["full", "static_weights", *ABLATION_VARIANTS]),
+
+
+rule group_size_sweep:
+    input:
+        grpo_targets([f"g{g}" for g in GROUP_SIZES]),

@@ -1,0 +1,34 @@
+# Stage 4: supervised fine-tuning of the prepared base model on the clean SFT conversations.
+
+import json
+
+from balancedbio.sft import sft_settings
+
+
+rule sft:
+    input:
+        model=rules.prepare_model.output.model,
+        data=rules.decontaminate.output.sft,
+    output:
+        model=directory("results/models/sft"),
+        metrics=report("results/sft/metrics.json", caption="../workflow/report/sft.rst", category="SFT"),
+        loss_plot=report("results/sft/loss.png", caption="../workflow/report/sft.rst", category="SFT"),
+    params:
+        launch=training_launcher("sft"),
+        settings=json.dumps(sft_settings(config), sort_keys=True),
+        # Not an output: Snakemake would delete it before a rerun, and resuming needs it.
+        checkpoints="results/sft/checkpoints",
+        code=code_digest("sft.py", "grpo.py", "models.py", "train.py"),
+    log:
+        "logs/sft.log",
+    benchmark:
+        "benchmarks/sft.tsv"
+    threads: rule_resources("sft")["cpus_per_task"]
+    resources:
+        **rule_resources("sft"),
+    conda:
+        "../envs/balancedbio.yaml"
+    shell:
+        "{params.launch} -m balancedbio.train sft --model {input.model} --data {input.data}"
+        " --out {output.model} --metrics {output.metrics} --loss-plot {output.loss_plot}"
+        " --checkpoints {params.checkpoints} --settings {params.settings:q} > {log} 2>&1"

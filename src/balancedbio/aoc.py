@@ -1,0 +1,111 @@
+"""Active Orthogonality Control (section 4.2, eqs. 4-6), independent of any trainer.
+
+Gradients are lists of tensors (one per trainable parameter, ``None`` for a parameter the loss
+does not reach), so nothing is flattened into one huge vector.
+
+- ``gradient_cosine``: eq. 5, S_cos = g_R . g_I / (|g_R| |g_I| + eps). When either gradient is
+  exactly zero (a batch whose groups all had zero reward variance has zero advantages, hence
+  a zero policy gradient) the cosine is *undefined*: it returns NaN, never 0, and no penalty
+  or projection is applied.
+- ``orthogonality_penalty``: eq. 6, L_orth = lambda * 1(|S_cos| > tau) * S_cos^2, built from
+  gradients taken with ``create_graph=True`` so that it is differentiable (double backward)
+  and really changes the update.
+- ``dynamic_lambda``: the paper calls lambda "a dynamic scaling factor" without a formula;
+  here lambda_t = lambda * min(1, |g_R + g_I| / |grad S_cos^2|) (``lambda_scaling:
+  gradient_norm``, the default) or lambda itself (``constant``): see the function.
+- ``project``: PCGrad or GradVac from torchjd. Both are Gramian-based, so the 2x2 Gramian of
+  (g_R, g_I) is computed here from per-parameter dot products and torchjd returns the two
+  combination weights; the combined gradient is a g_R + b g_I, parameter by parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+Gradients = Sequence[torch.Tensor | None]
+
+
+def _dot(a: Gradients, b: Gradients) -> torch.Tensor:
+    total = None
+    for x, y in zip(a, b):
+        if x is None or y is None:
+            continue
+        term = (x.float() * y.float()).sum()
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros(())
+
+
+def gramian(g_r: Gradients, g_i: Gradients) -> torch.Tensor:
+    rr, ii, ri = _dot(g_r, g_r), _dot(g_i, g_i), _dot(g_r, g_i)
+    return torch.stack([torch.stack([rr, ri]), torch.stack([ri, ii])])
+
+
+def gradient_cosine(g_r: Gradients, g_i: Gradients, eps: float = 1e-8) -> torch.Tensor:
+    """Eq. 5; differentiable when the gradients were built with ``create_graph=True``."""
+    norm_r, norm_i = _dot(g_r, g_r).sqrt(), _dot(g_i, g_i).sqrt()
+    if float(norm_r) == 0.0 or float(norm_i) == 0.0:
+        return torch.tensor(math.nan)
+    return _dot(g_r, g_i) / (norm_r * norm_i + eps)
+
+
+def dynamic_lambda(lam: float, policy_grad_norm: float, penalty_grad_norm: float) -> float:
+    """lambda_t = lambda * min(1, |g_R + g_I| / |grad S_cos^2|).
+
+    The gradient of S_cos^2 scales like 1 / (|g_R| |g_I|): when one task's gradient is tiny the
+    cosine is hypersensitive and an unscaled penalty would swamp the policy update. With this
+    factor the penalty's own gradient is never longer than lambda times the policy gradient, so
+    lambda reads as "at most this fraction of the step goes to decoupling the capabilities".
+    """
+    if penalty_grad_norm <= 0 or not math.isfinite(penalty_grad_norm):
+        return 0.0
+    return lam * min(1.0, policy_grad_norm / penalty_grad_norm)
+
+
+def orthogonality_penalty(cosine: torch.Tensor, lam: float, tau: float) -> torch.Tensor | None:
+    """Eq. 6; ``None`` when the indicator is off or the cosine is undefined."""
+    if torch.isnan(cosine) or abs(float(cosine)) <= tau or lam == 0:
+        return None
+    return lam * cosine.abs() ** 2
+
+
+class Projector:
+    """PCGrad or GradVac (torchjd) for two task gradients; GradVac keeps its EMA target."""
+
+    def __init__(self, method: str = "pcgrad", gradvac_beta: float = 0.01):
+        from torchjd.aggregation import GradVac, PCGrad
+
+        if method == "pcgrad":
+            self.aggregator = PCGrad()
+        elif method == "gradvac":
+            self.aggregator = GradVac(beta=gradvac_beta)
+        else:
+            raise ValueError(f"unknown projection {method!r}: expected pcgrad or gradvac")
+        self.method = method
+
+    def combination(self, g_r: Gradients, g_i: Gradients) -> tuple[float, float]:
+        weighting = self.aggregator.gramian_weighting
+        coefficients = weighting(gramian(g_r, g_i).double())
+        return float(coefficients[0]), float(coefficients[1])
+
+    def combine(self, g_r: Gradients, g_i: Gradients) -> list[torch.Tensor | None]:
+        a, b = self.combination(g_r, g_i)
+        out = []
+        for x, y in zip(g_r, g_i):
+            if x is None and y is None:
+                out.append(None)
+            else:
+                out.append(a * (x if x is not None else 0) + b * (y if y is not None else 0))
+        return out
+
+
+def pcgrad_reference(g_r: torch.Tensor, g_i: torch.Tensor) -> torch.Tensor:
+    """Yu et al. 2020 for two flat gradients, written out (used to test the torchjd path)."""
+    out_r, out_i = g_r.clone(), g_i.clone()
+    dot = torch.dot(g_r, g_i)
+    if dot < 0:
+        out_r = g_r - dot / torch.dot(g_i, g_i) * g_i
+        out_i = g_i - dot / torch.dot(g_r, g_r) * g_r
+    return out_r + out_i

@@ -1,0 +1,612 @@
+"""Capability-aware GRPO (section 4, Algorithm 1): a subclass of TRL's ``GRPOTrainer``.
+
+TRL keeps doing what it does (sampling G completions per prompt, group-normalised
+advantages, clipped ratio, KL against the reference policy); this subclass adds:
+
+- **Stratified batches** (appendix B): ``StratifiedRepeatSampler`` interleaves medical and
+  instruction prompts so every generation batch, and every device's slice of it, holds both.
+- **Composite reward** R_total = sum_k w_k R_k over accuracy, reasoning, instruction
+  (``balancedbio.rewards``). A component that does not apply to a prompt returns ``None``:
+  TRL makes it NaN and sums with ``nansum``, so an instruction prompt has no R_acc and no
+  R_reas and a multiple-choice prompt has no R_inst. Because advantages are normalised
+  *within* each prompt's group, a missing component changes nothing inside the group.
+- **Dynamic weights** (eq. 10): after the rewards of a batch are computed, each component's
+  success rate updates the controller (``balancedbio.weights``) and the new weights are used
+  for *this* batch's R_total (Algorithm 1, lines 13-15): TRL reads ``self.reward_weights``
+  right after ``_calculate_rewards``.
+- **Active Orthogonality Control** (eqs. 4-6, ``balancedbio.aoc``): every ``aoc.interval``
+  optimizer steps ``training_step`` computes TRL's own loss on the medical rows and on the
+  instruction rows of the micro-batch (scaled so they sum exactly to the full loss), takes
+  one ``torch.autograd.grad`` per capability over the trainable parameters (the LoRA
+  weights when LoRA is on), and then, by mode: ``penalty`` adds L_orth through a double
+  backward, ``project`` combines them with PCGrad/GradVac, ``monitor`` only logs S_cos;
+  ``off`` leaves TRL's step untouched.
+- One JSON line per optimizer step in ``dynamics.jsonl`` and checkpoints that carry the
+  controller state, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import Sampler
+from transformers import TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+from balancedbio.aoc import Projector, dynamic_lambda, gradient_cosine, orthogonality_penalty
+from balancedbio.weights import WeightController, build_weight_controller
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "balancedbio_state.json"
+CAPABILITIES = ("medical", "instruction")
+
+# Table 2 rows, the literature baselines and the group-size sweep (Figure 2).
+ABLATION_VARIANTS = ("no_prm", "no_aoc", "ppo", "dwa", "pcgrad", "gradvac")
+DEFAULT_VARIANTS = ("full", "static_weights")
+GROUP_SIZES = (4, 8, 16)
+
+
+def variant_settings(config: dict, variant: str) -> dict:
+    """The training settings of one variant: the config's, with the variant's one change."""
+    settings = {key: copy.deepcopy(config[key]) for key in
+                ("grpo", "weights", "aoc", "rewards", "training", "ppo", "seed")}
+    settings["trust_remote_code"] = config["model"]["trust_remote_code"]
+    settings["variant"] = variant
+    settings["use_prm"] = True
+    settings["advantage"] = "group"
+    if variant == "full":
+        pass
+    elif variant == "static_weights":
+        settings["weights"]["mode"] = "static"
+    elif variant == "no_prm":
+        settings["use_prm"] = False
+    elif variant == "no_aoc":
+        settings["aoc"]["mode"] = "off"
+    elif variant == "ppo":
+        settings["advantage"] = "critic"
+    elif variant == "dwa":
+        settings["weights"]["mode"] = "dwa"
+    elif variant in ("pcgrad", "gradvac"):
+        settings["aoc"]["mode"] = "project"
+        settings["aoc"]["projection"] = variant
+    elif variant.startswith("g") and variant[1:].isdigit() and int(variant[1:]) >= 2:
+        settings["grpo"]["num_generations"] = int(variant[1:])
+    else:
+        raise ValueError(f"unknown GRPO variant {variant!r}: expected one of "
+                         f"{', '.join(DEFAULT_VARIANTS + ABLATION_VARIANTS)} or g<group size>")
+    return settings
+
+
+class StratifiedRepeatSampler(Sampler):
+    """TRL's ``RepeatSampler`` contract, with every batch interleaving the capabilities.
+
+    Each batch of ``batch_size`` distinct prompts takes them round-robin from the per-capability
+    pools (medical, instruction, medical, ...), each pool walked in its own shuffled order and
+    reshuffled when exhausted, so the smaller pool is cycled rather than starving the batch.
+    Every prompt is yielded ``mini_repeat_count`` times in a row (the G completions) and each
+    batch ``repeat_count`` times (reuse over iterations), exactly as TRL expects.
+    """
+
+    def __init__(self, capabilities: Sequence[str], batch_size: int, mini_repeat_count: int = 1,
+                 repeat_count: int = 1, shuffle: bool = True, seed: int | None = None):
+        pools: dict[str, list[int]] = {}
+        for index, capability in enumerate(capabilities):
+            pools.setdefault(capability, []).append(index)
+        self.pools = [pools[name] for name in sorted(pools, key=lambda c: (c not in CAPABILITIES, c))]
+        if len(self.pools) > 1 and batch_size < len(self.pools):
+            raise ValueError(f"a batch of {batch_size} prompt(s) cannot hold all {len(self.pools)} capabilities "
+                             f"({', '.join(sorted(pools))}); raise grpo.prompts_per_step")
+        self.batch_size, self.mini_repeat_count, self.repeat_count = batch_size, mini_repeat_count, repeat_count
+        self.shuffle = shuffle
+        self.generator = torch.Generator()
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        largest = max(len(pool) for pool in self.pools)
+        self.num_batches = max(1, math.ceil(largest * len(self.pools) / batch_size))
+
+    def _walk(self, pool: list[int]):
+        while True:
+            order = torch.randperm(len(pool), generator=self.generator).tolist() if self.shuffle else range(len(pool))
+            for i in order:
+                yield pool[i]
+
+    def __iter__(self):
+        walkers = [self._walk(pool) for pool in self.pools]
+        for _ in range(self.num_batches):
+            chunk = [next(walkers[i % len(walkers)]) for i in range(self.batch_size)]
+            for _ in range(self.repeat_count):
+                for index in chunk:
+                    for _ in range(self.mini_repeat_count):
+                        yield index
+
+    def __len__(self) -> int:
+        return self.num_batches * self.batch_size * self.mini_repeat_count * self.repeat_count
+
+
+def _select_rows(inputs: dict, mask: torch.Tensor) -> dict:
+    rows = mask.shape[0]
+    return {key: value[mask] if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == rows
+            else value for key, value in inputs.items()}
+
+
+class BalancedGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` + stratified batches, dynamic reward weights and AOC (see module doc)."""
+
+    def __init__(self, *args, weight_controller: WeightController, aoc_config: dict | None = None, **kwargs):
+        self.weight_controller = weight_controller
+        self.aoc = {"mode": "off", "interval": 1, "tau": 0.1, "lambda": 0.6, "lambda_scaling": "gradient_norm",
+                    "eps": 1e-8, "projection": "pcgrad", "gradvac_beta": 0.01, **(aoc_config or {})}
+        super().__init__(*args, **kwargs)
+        names = [getattr(f, "name", getattr(f, "__name__", str(f))) for f in self.reward_funcs]
+        if names != weight_controller.names:
+            raise ValueError(f"weight controller components {weight_controller.names} != reward functions {names}")
+        self.reward_weights = torch.tensor(weight_controller.weights, dtype=torch.float32)
+        if self.aoc["mode"] not in {"penalty", "project", "monitor", "off"}:
+            raise ValueError(f"unknown aoc.mode {self.aoc['mode']!r}: expected penalty, project, monitor or off")
+        distributed = self.is_deepspeed_enabled or self.accelerator.num_processes > 1
+        if self.aoc["mode"] == "project" and distributed:
+            raise ValueError("aoc.mode=project rewrites the gradients in place, which DeepSpeed and multi-process "
+                             "data parallel do not allow; use penalty or monitor there, or run on one device")
+        # Under DeepSpeed / DDP the update must go through accelerator.backward (their hooks reduce and
+        # partition gradients), so AOC's two gradients are then taken for S_cos only.
+        self._aoc_through_backward = distributed
+        self.projector = Projector(self.aoc["projection"], self.aoc["gradvac_beta"]) \
+            if self.aoc["mode"] == "project" else None
+        self._step_record: dict[str, Any] = {}
+
+    # -- stratified batches ------------------------------------------------------------------
+    def _get_train_sampler(self, dataset=None) -> Sampler:
+        dataset = self.train_dataset if dataset is None else dataset
+        return StratifiedRepeatSampler(
+            dataset["capability"], batch_size=self.args.generation_batch_size // self.num_generations,
+            mini_repeat_count=self.num_generations,
+            repeat_count=self.num_iterations * self.args.steps_per_generation,
+            shuffle=self.shuffle_dataset, seed=self.args.seed)
+
+    # -- dynamic weights ---------------------------------------------------------------------
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        from accelerate.utils import gather_object
+
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if not self.model.training:
+            return rewards_per_func
+        rates = []
+        for func in self.reward_funcs:
+            success = gather_object(list(getattr(func, "last_success", None) or []))
+            applicable = [bool(s) for s in success if s is not None]
+            rates.append(sum(applicable) / len(applicable) if applicable else None)
+        weights = self.weight_controller.update(rates)
+        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+        record = self._step_record
+        for name, rate, s, w, e in zip(self.weight_controller.names, rates, self.weight_controller.success,
+                                       weights, self.weight_controller.errors()):
+            record[f"batch_success_{name}"] = rate
+            record[f"success_{name}"] = s
+            record[f"weight_{name}"] = w
+            record[f"error_{name}"] = e
+        self._last_rewards_per_func = rewards_per_func
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        device = output["completion_ids"].device
+        output["is_medical"] = torch.tensor([row.get("capability") == "medical" for row in inputs],
+                                            dtype=torch.bool, device=device)
+        return output
+
+    # -- Active Orthogonality Control -------------------------------------------------------
+    def _capability_loss_scale(self, part: dict, whole: dict) -> float:
+        """Factor that makes the sub-batch losses sum to the full-batch loss for this loss type."""
+        if self.loss_type in {"grpo", "sapo", "luspo", "dr_grpo"}:  # mean over sequences
+            return part["completion_ids"].shape[0] / whole["completion_ids"].shape[0]
+        if self.loss_type == "bnpo":  # mean over the micro-batch's tokens
+            return float(part["completion_mask"].sum() / whole["completion_mask"].sum().clamp(min=1))
+        return 1.0  # dapo, cispo, vespo: normalised by the global token count already
+
+    def capability_losses(self, model, inputs: dict, differentiable: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """TRL's loss on the medical rows and on the instruction rows; ``None`` if one is absent."""
+        is_medical = inputs["is_medical"]
+        if bool(is_medical.all()) or not bool(is_medical.any()):
+            return None
+        medical, instruction = _select_rows(inputs, is_medical), _select_rows(inputs, ~is_medical)
+        self._double_backward = differentiable
+        try:
+            with self.compute_loss_context_manager():
+                loss_r = self._compute_loss(model, medical) * self._capability_loss_scale(medical, inputs)
+                loss_i = self._compute_loss(model, instruction) * self._capability_loss_scale(instruction, inputs)
+        finally:
+            self._double_backward = False
+        return loss_r, loss_i
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                           batch_size=None, compute_entropy=False, compute_aux_loss=False,
+                                           **kwargs):
+        if not getattr(self, "_double_backward", False):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **kwargs)
+        # The penalty needs grad-of-grad; TRL's fused log-prob kernel has a first-order backward
+        # only, so this path scores the completion with plain (twice differentiable) ops. Same
+        # numbers for text models without logit scaling/soft-capping (Llama, Qwen, SmolLM).
+        # Fused attention kernels (flash, memory-efficient) lack a double backward too: use the math one.
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+        with self.accelerator.autocast(), sdpa_kernel([SDPBackend.MATH]):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                           logits_to_keep=logits_to_keep + 1).logits
+        logits = logits[:, :-1, :] / self.temperature
+        logps = selective_log_softmax(logits, input_ids[:, -logits_to_keep:])
+        entropies = None
+        if compute_entropy:
+            with torch.no_grad():
+                entropies = entropy_from_logits(logits)
+        return logps, entropies, None
+
+    def _aoc_due(self) -> bool:
+        return self.aoc["mode"] != "off" and self.state.global_step % max(1, self.aoc["interval"]) == 0
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        if not (self.model.training and self._aoc_due()):
+            return super().training_step(model, inputs, num_items_in_batch)
+        started = time.perf_counter()
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        loss = self.orthogonality_step(model, inputs)
+        # The bookkeeping of GRPOTrainer.training_step, which this path replaces.
+        self._step += 1
+        self._current_train_step_time += time.perf_counter() - started
+        if self._step % self.current_gradient_accumulation_steps == 0:
+            self._metrics["train"]["step_time"].append(self._current_train_step_time)
+            self._current_train_step_time = 0.0
+        return loss
+
+    def orthogonality_step(self, model, inputs: dict) -> torch.Tensor:
+        """Forward/backward of one micro-batch with AOC; leaves the gradients in ``p.grad``."""
+        mode = self.aoc["mode"]
+        record = self._step_record
+        differentiable = mode == "penalty"
+        losses = self.capability_losses(model, inputs, differentiable)
+        if losses is None:  # one capability only in this micro-batch: S_cos is undefined
+            record.update(s_cos=math.nan, l_orth=0.0, aoc_lambda=0.0, aoc_note="single capability")
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs)
+            self.accelerator.backward(loss)
+            return loss.detach()
+        loss_r, loss_i = losses
+        params = [p for p in model.parameters() if p.requires_grad]
+        keep_graph = differentiable or self._aoc_through_backward
+        grads_r = torch.autograd.grad(loss_r, params, retain_graph=keep_graph, create_graph=differentiable,
+                                      allow_unused=True)
+        grads_i = torch.autograd.grad(loss_i, params, retain_graph=keep_graph, create_graph=differentiable,
+                                      allow_unused=True)
+        cosine = gradient_cosine(grads_r, grads_i, self.aoc["eps"])
+        with torch.no_grad():
+            norm_r = math.sqrt(sum(float((g.float() ** 2).sum()) for g in grads_r if g is not None))
+            norm_i = math.sqrt(sum(float((g.float() ** 2).sum()) for g in grads_i if g is not None))
+            policy_norm = math.sqrt(sum(float(((a if a is not None else 0) + (b if b is not None else 0))
+                                              .float().pow(2).sum()) for a, b in zip(grads_r, grads_i)
+                                        if a is not None or b is not None))
+        # A capability whose groups all had zero reward variance has all-zero advantages: its policy
+        # gradient is zero up to the KL term's rounding, so the cosine means nothing there.
+        is_medical, advantages = inputs["is_medical"], inputs["advantages"]
+        no_signal = [name for name, rows in (("medical", is_medical), ("instruction", ~is_medical))
+                     if not bool(advantages[rows].ne(0).any())]
+        if no_signal:
+            cosine = torch.tensor(math.nan)
+            record["aoc_note"] = f"zero advantages: {', '.join(no_signal)}"
+        penalty, lam = None, 0.0
+        if mode == "penalty":
+            unit_penalty = orthogonality_penalty(cosine, 1.0, self.aoc["tau"])
+            if unit_penalty is not None:
+                grads_unit = torch.autograd.grad(unit_penalty, params, retain_graph=True, create_graph=False,
+                                                 allow_unused=True)
+                unit_norm = math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads_unit if g is not None))
+                lam = (dynamic_lambda(self.aoc["lambda"], policy_norm, unit_norm)
+                       if self.aoc["lambda_scaling"] == "gradient_norm" else self.aoc["lambda"])
+                penalty = lam * unit_penalty
+                grads_orth = [None if g is None else lam * g for g in grads_unit]
+        record.update(s_cos=float(cosine), l_orth=float(penalty) if penalty is not None else 0.0,
+                      aoc_lambda=lam, grad_norm_medical=norm_r, grad_norm_instruction=norm_i)
+
+        total = loss_r + loss_i + (penalty if penalty is not None else 0.0)
+        if self._aoc_through_backward:
+            self.accelerator.backward(total)
+            return total.detach()
+
+        if mode == "project" and not math.isnan(float(cosine)):
+            combined = self.projector.combine([g.detach() if g is not None else None for g in grads_r],
+                                              [g.detach() if g is not None else None for g in grads_i])
+            record["projection_weights"] = list(self.projector.combination(grads_r, grads_i))
+        else:
+            combined = [None if a is None and b is None else
+                        (a.detach() if a is not None else 0) + (b.detach() if b is not None else 0)
+                        for a, b in zip(grads_r, grads_i)]
+        if penalty is not None:
+            combined = [c if o is None else (o if c is None else c + o) for c, o in zip(combined, grads_orth)]
+        for param, grad in zip(params, combined):
+            if grad is None:
+                continue
+            grad = grad.detach().to(param.dtype)
+            param.grad = grad.clone() if param.grad is None else param.grad + grad
+        return total.detach()
+
+    # -- logging, checkpoints -----------------------------------------------------------------
+    def pop_step_record(self) -> dict:
+        record, self._step_record = self._step_record, {}
+        return record
+
+    def extra_state(self) -> dict:
+        return {"weights": self.weight_controller.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.weight_controller.load_state_dict(state["weights"])
+        self.reward_weights = torch.tensor(self.weight_controller.weights, dtype=torch.float32)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            (folder / STATE_FILE).write_text(json.dumps(self.extra_state()), encoding="utf-8")
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and (Path(checkpoint) / STATE_FILE).exists():
+            self.load_extra_state(json.loads((Path(checkpoint) / STATE_FILE).read_text(encoding="utf-8")))
+            log.info("restored reward weights %s from %s", self.weight_controller.weights, checkpoint)
+
+
+# Keys of TRL's logs copied into dynamics.jsonl, under shorter names.
+_TRL_LOG_KEYS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm", "reward": "reward",
+                 "reward_std": "reward_std", "kl": "kl", "entropy": "entropy",
+                 "clip_ratio/region_mean": "clip_fraction", "completions/mean_length": "completion_length",
+                 "step_time": "step_seconds", "frac_reward_zero_std": "frac_reward_zero_std",
+                 "value_loss": "value_loss"}
+
+
+class DynamicsWriter(TrainerCallback):
+    """Appends one JSON line per logged training step (``logging_steps=1``: every step)."""
+
+    def __init__(self, path: str | os.PathLike, trainer_ref: list):
+        self.path = Path(path)
+        self.trainer_ref = trainer_ref  # filled once the trainer exists (callbacks come first)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs or not self.trainer_ref or not state.is_world_process_zero:
+            return
+        trainer = self.trainer_ref[0]
+        row: dict[str, Any] = {"step": state.global_step, "epoch": logs.get("epoch")}
+        for key, name in _TRL_LOG_KEYS.items():
+            if key in logs:
+                row[name] = logs[key]
+        for func in trainer.weight_controller.names:
+            if f"rewards/{func}/mean" in logs:
+                row[f"reward_{func}"] = logs[f"rewards/{func}/mean"]
+        row.update(trainer.pop_step_record())
+        row.setdefault("s_cos", None)
+        row.setdefault("l_orth", None)
+        row = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def truncate_dynamics(path: Path, last_step: int) -> None:
+    """Drop lines past the checkpoint a run resumes from (they will be recomputed)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def build_prompt_dataset(mcq_path: str, prompts_path: str, *, max_prompts: int | None = None, seed: int = 0):
+    """Medical multiple-choice prompts + IFEval-style instruction prompts, one dataset."""
+    from datasets import Dataset
+
+    from balancedbio.data.formatting import format_mcq_prompt
+    from balancedbio.io import read_jsonl
+
+    medical, instruction = [], []
+    for row in read_jsonl(mcq_path):
+        medical.append({"prompt": [{"role": "user", "content": format_mcq_prompt(row["question"], row["options"])}],
+                        "capability": "medical", "answer": row["answer"], "options": row["options"],
+                        "question": row["question"], "instruction_id_list": [], "kwargs": [],
+                        "prompt_text": None, "key": row["id"]})
+    for row in read_jsonl(prompts_path):
+        instruction.append({"prompt": [{"role": "user", "content": row["prompt"]}], "capability": "instruction",
+                            "answer": None, "options": None, "question": None,
+                            "instruction_id_list": row["instruction_id_list"], "kwargs": row["kwargs"],
+                            "prompt_text": row["prompt"], "key": str(row["key"])})
+    if not medical or not instruction:
+        raise ValueError(f"GRPO needs both capabilities: {len(medical)} medical prompts in {mcq_path}, "
+                         f"{len(instruction)} instruction prompts in {prompts_path}")
+    rng = random.Random(seed)
+    if max_prompts:
+        rng.shuffle(medical)
+        rng.shuffle(instruction)
+        medical, instruction = medical[:max_prompts // 2], instruction[:max_prompts - max_prompts // 2]
+    return Dataset.from_list(medical + instruction)
+
+
+def grpo_config(settings: dict, output_dir: str, world_size: int = 1, deepspeed: str | None = None) -> GRPOConfig:
+    grpo, training = settings["grpo"], settings["training"]
+    group = grpo["num_generations"]
+    return GRPOConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=grpo["prompts_per_step"] * group,
+        gradient_accumulation_steps=1,
+        num_generations=group,
+        max_completion_length=grpo["max_completion_length"],
+        temperature=grpo["temperature"],
+        beta=grpo["beta"],
+        epsilon=grpo["epsilon"],
+        loss_type=grpo["loss_type"],
+        scale_rewards="group",
+        learning_rate=grpo.get("learning_rate") or training["learning_rate"],
+        lr_scheduler_type=training["lr_scheduler_type"],
+        warmup_steps=training["warmup_ratio"],  # transformers 5: a float < 1 is a ratio
+        max_steps=grpo["max_steps"],
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=grpo["save_steps"],
+        save_total_limit=2,
+        bf16=training["bf16"],
+        gradient_checkpointing=training["gradient_checkpointing"],
+        seed=settings["seed"],
+        report_to=[],
+        use_vllm=grpo["use_vllm"],
+        vllm_mode="colocate",
+        deepspeed=deepspeed if world_size > 1 else None,
+        log_completions=False,
+        dataloader_num_workers=0,
+    )
+
+
+def lora_config(training: dict):
+    from peft import LoraConfig
+
+    lora = training["lora"]
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                      target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+
+
+def save_merged(trainer, tokenizer, out_dir: str, extra_files: dict[str, Any] | None = None) -> None:
+    """Merge LoRA (if any) into the weights and write a plain safetensors folder atomically."""
+    from balancedbio.io import atomic_dir
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, obj in (extra_files or {}).items():
+            (Path(tmp) / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def run_grpo(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: str | None, out_dir: str,
+             dynamics_path: str, checkpoint_dir: str, settings: dict, callbacks: Sequence = ()) -> dict:
+    """Train one variant; resumes from the newest checkpoint in ``checkpoint_dir``."""
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from balancedbio.models import load_causal_lm, load_tokenizer
+    from balancedbio.rewards import build_reward_functions
+
+    set_seed(settings["seed"])
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    deepspeed = settings["training"].get("deepspeed_config")
+    checkpoint_root = Path(checkpoint_dir)
+    checkpoint_root.mkdir(parents=True, exist_ok=True)
+    live_dynamics = checkpoint_root / "dynamics.jsonl"
+    last = get_last_checkpoint(str(checkpoint_root)) if checkpoint_root.exists() else None
+    if last:
+        step = int(Path(last).name.split("-")[-1])
+        log.info("resuming %s from %s (step %d)", settings["variant"], last, step)
+        truncate_dynamics(live_dynamics, step)
+    else:
+        live_dynamics.unlink(missing_ok=True)
+
+    dataset = build_prompt_dataset(mcq_path, prompts_path, max_prompts=settings["grpo"]["max_prompts"],
+                                   seed=settings["seed"])
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=settings["trust_remote_code"])
+    model = load_causal_lm(model_dir, dtype="bfloat16" if settings["training"]["bf16"] else "float32",
+                           trust_remote_code=settings["trust_remote_code"])
+    reward_funcs = build_reward_functions(settings["rewards"], prm_dir if settings["use_prm"] else None)
+    controller = build_weight_controller(settings["weights"], [f.name for f in reward_funcs])
+    trainer_ref: list = []
+    kwargs = dict(model=model, reward_funcs=reward_funcs, args=grpo_config(settings, str(checkpoint_root),
+                                                                            world_size, deepspeed),
+                  train_dataset=dataset, processing_class=tokenizer,
+                  peft_config=lora_config(settings["training"]) if settings["training"]["use_lora"] else None,
+                  callbacks=[DynamicsWriter(live_dynamics, trainer_ref), *callbacks],
+                  weight_controller=controller, aoc_config=settings["aoc"])
+    if settings["advantage"] == "critic":
+        from balancedbio.ppo import CriticAdvantageTrainer
+
+        trainer = CriticAdvantageTrainer(**kwargs, critic_model_dir=model_dir, ppo_config=settings["ppo"])
+    else:
+        trainer = BalancedGRPOTrainer(**kwargs)
+    trainer_ref.append(trainer)
+    log.info("GRPO %s: %d prompts (%d medical), G=%d, %d prompts/step, %d steps, weights=%s, aoc=%s",
+             settings["variant"], len(dataset), sum(c == "medical" for c in dataset["capability"]),
+             settings["grpo"]["num_generations"], settings["grpo"]["prompts_per_step"],
+             settings["grpo"]["max_steps"], settings["weights"]["mode"], settings["aoc"]["mode"])
+    result = trainer.train(resume_from_checkpoint=last)
+    summary = {"variant": settings["variant"], "global_step": trainer.state.global_step,
+               "train_runtime_s": result.metrics.get("train_runtime"), "resumed_from": last,
+               "final_weights": dict(zip(controller.names, controller.weights)),
+               "final_success": dict(zip(controller.names, controller.success)),
+               "reward_stats": {f.name: dict(getattr(f, "stats", {})) for f in reward_funcs},
+               "settings": settings}
+    if trainer.accelerator.is_main_process:
+        save_merged(trainer, tokenizer, out_dir, {"balancedbio_training.json": summary})
+        from balancedbio.io import atomic_file
+
+        with atomic_file(dynamics_path) as handle:
+            handle.write(live_dynamics.read_text(encoding="utf-8"))
+        shutil.rmtree(checkpoint_root, ignore_errors=True)
+    return summary
+
+
+def read_dynamics(path: str | os.PathLike) -> list[dict]:
+    from balancedbio.io import read_jsonl
+
+    return list(read_jsonl(path))
+
+
+def plot_dynamics(dynamics_path: str, figure_path: str, title: str = "") -> None:
+    """Weights, success rates, reward components and S_cos against the step (Figures 3-4)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from balancedbio.io import atomic_file
+
+    rows = read_dynamics(dynamics_path)
+    steps = [r["step"] for r in rows]
+    names = sorted({k[len("weight_"):] for r in rows for k in r if k.startswith("weight_")})
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
+    panels = [("weight_", "reward weight w_k"), ("success_", "success rate S_k (EMA)"),
+              ("reward_", "reward component mean")]
+    for ax, (prefix, label) in zip(axes.flat, panels):
+        for name in names:
+            values = [r.get(prefix + name) for r in rows]
+            if any(v is not None for v in values):
+                ax.plot(steps, [float("nan") if v is None else v for v in values], marker="o", markersize=2,
+                        label=name)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax = axes.flat[3]
+    s_cos = [float("nan") if r.get("s_cos") is None else r["s_cos"] for r in rows]
+    ax.plot(steps, s_cos, marker="o", markersize=2, color="tab:purple", label="S_cos")
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_ylabel("S_cos (medical vs instruction gradient)")
+    ax.set_ylim(-1.05, 1.05)
+    ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("optimizer step")
+    fig.suptitle(title or "GRPO training dynamics")
+    fig.tight_layout()
+    with atomic_file(figure_path, mode="wb", encoding=None) as handle:
+        fig.savefig(handle, format="png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,20 @@
+"""How a training rule starts its process(es): plain Python on one device, ``accelerate launch``
+with DeepSpeed on several. Kept as a pure function so dry-run tests can check the command."""
+
+from __future__ import annotations
+
+import shlex
+
+
+def launch_prefix(gpus: int, *, deepspeed_config: str | None = None, bf16: bool = False,
+                  python: str = "python") -> str:
+    """Command prefix that runs ``-m balancedbio.train ...`` on ``gpus`` devices of one node."""
+    if gpus <= 1:
+        return python
+    parts = ["accelerate", "launch", "--num_machines", "1", "--num_processes", str(gpus),
+             "--mixed_precision", "bf16" if bf16 else "no"]
+    if deepspeed_config:
+        parts += ["--use_deepspeed", "--deepspeed_config_file", deepspeed_config, "--zero3_init_flag", "true"]
+    else:
+        parts.append("--multi_gpu")
+    return shlex.join(parts)

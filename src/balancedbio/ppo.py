@@ -1,0 +1,158 @@
+"""The "w/o GRPO" ablation (Table 2): the same trainer and rewards, a learned critic instead of
+the group baseline.
+
+TRL 1.16 ships neither ``PPOTrainer`` nor value heads, so this small piece is ours and kept
+apart from the GRPO path. ``CriticAdvantageTrainer`` subclasses ``BalancedGRPOTrainer`` and only
+changes where the advantage comes from:
+
+- a ``ValueCritic`` (a copy of the policy's backbone + a linear value head, its own AdamW)
+  predicts V(s_t) for every completion token;
+- the reward is sparse: R_total (the same weighted composite) on the last completion token,
+  0 elsewhere; the KL term stays in TRL's loss, as in GRPO;
+- per-token advantages come from GAE (Schulman et al. 2016) and are whitened over the
+  batch's completion tokens; TRL's loss accepts (B, T) advantages as they are;
+- after each policy step the critic regresses the GAE returns (masked MSE).
+
+Everything else (sampling, clipping, KL, weights, AOC, logging, checkpoints) is inherited.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from balancedbio.grpo import BalancedGRPOTrainer
+
+log = logging.getLogger(__name__)
+
+CRITIC_WEIGHTS = "critic.safetensors"
+CRITIC_OPTIMIZER = "critic_optimizer.pt"
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimates and returns for right-padded (B, T) sequences.
+
+    ``mask`` is 1 on real completion tokens; the step after a sequence's last token is terminal
+    (value 0), so nothing leaks across the padding.
+    """
+    mask = mask.to(values.dtype)
+    advantages = torch.zeros_like(values)
+    running = torch.zeros(values.shape[0], dtype=values.dtype, device=values.device)
+    steps = values.shape[1]
+    for t in reversed(range(steps)):
+        nonterminal = mask[:, t + 1] if t + 1 < steps else torch.zeros_like(running)
+        next_value = values[:, t + 1] * nonterminal if t + 1 < steps else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * nonterminal * running
+        advantages[:, t] = running * mask[:, t]
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    count = mask.sum().clamp(min=1)
+    mean = (values * mask).sum() / count
+    var = (((values - mean) * mask) ** 2).sum() / count
+    return (values - mean) / (var.sqrt() + eps) * mask
+
+
+class ValueCritic(nn.Module):
+    """Policy backbone copy + value head; returns one value per input position."""
+
+    def __init__(self, model_dir: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        from transformers import AutoModel
+
+        self.backbone = AutoModel.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                  use_safetensors=True)
+        hidden = self.backbone.config.hidden_size
+        self.value_head = nn.Linear(hidden, 1, dtype=dtype)
+        nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1))
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.value_head(hidden).squeeze(-1)
+
+
+class CriticAdvantageTrainer(BalancedGRPOTrainer):
+    def __init__(self, *args, critic_model_dir: str, ppo_config: dict, **kwargs):
+        self.ppo = {"gamma": 1.0, "gae_lambda": 0.95, "critic_learning_rate": 1e-5, "critic_max_grad_norm": 1.0,
+                    **ppo_config}
+        super().__init__(*args, **kwargs)
+        self.critic = ValueCritic(critic_model_dir).to(self.accelerator.device)
+        self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=self.ppo["critic_learning_rate"])
+
+    def _critic_values(self, batch: dict) -> torch.Tensor:
+        prompt_ids, completion_ids = batch["prompt_ids"], batch["completion_ids"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        values = self.critic(input_ids, attention)
+        start = prompt_ids.shape[1] - 1  # the state before each completion token is emitted
+        return values[:, start:start + completion_ids.shape[1]]
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        mask = output["completion_mask"]
+        rows = mask.shape[0]
+        totals = (self._last_rewards_per_func * self.reward_weights.to(mask.device).unsqueeze(0)).nansum(dim=1)
+        offset = self.accelerator.process_index * rows
+        totals = totals[offset:offset + rows].to(torch.float32)
+        lengths = mask.sum(dim=1).long()
+        rewards = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        has_tokens = lengths > 0
+        rewards[has_tokens, lengths[has_tokens] - 1] = totals[has_tokens]
+        with torch.no_grad():
+            values = self._critic_values(output).float() * mask
+        advantages, returns = gae(rewards, values, mask, self.ppo["gamma"], self.ppo["gae_lambda"])
+        output["advantages"] = whiten(advantages, mask)
+        output["returns"] = returns
+        return output
+
+    def _prepare_inputs(self, generation_batch):
+        inputs = super()._prepare_inputs(generation_batch)
+        self._critic_batch = inputs if self.model.training else None
+        return inputs
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        batch = getattr(self, "_critic_batch", None)
+        if batch is not None:
+            self.critic.train()
+            mask = batch["completion_mask"].float()
+            values = self._critic_values(batch).float()
+            value_loss = 0.5 * (((values - batch["returns"]) ** 2) * mask).sum() / mask.sum().clamp(min=1)
+            self.critic_optimizer.zero_grad()
+            value_loss.backward()
+            if self.accelerator.num_processes > 1:  # every rank holds a critic copy: average their gradients
+                for param in self.critic.parameters():
+                    if param.grad is not None:
+                        param.grad = self.accelerator.reduce(param.grad, reduction="mean")
+            torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.ppo["critic_max_grad_norm"])
+            self.critic_optimizer.step()
+            self._metrics["train"]["value_loss"].append(float(value_loss))
+        return loss
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            from safetensors.torch import save_file
+
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            save_file({k: v.contiguous() for k, v in self.critic.state_dict().items()}, str(folder / CRITIC_WEIGHTS))
+            torch.save(self.critic_optimizer.state_dict(), folder / CRITIC_OPTIMIZER)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and (Path(checkpoint) / CRITIC_WEIGHTS).exists():
+            from safetensors.torch import load_file
+
+            self.critic.load_state_dict(load_file(str(Path(checkpoint) / CRITIC_WEIGHTS)))
+            # Optimizer state is tensors and plain numbers only.
+            self.critic_optimizer.load_state_dict(torch.load(Path(checkpoint) / CRITIC_OPTIMIZER, weights_only=True))
+            log.info("restored the critic from %s", checkpoint)

@@ -1,0 +1,146 @@
+"""Supervised fine-tuning (the stage before GRPO) with TRL's ``SFTTrainer``.
+
+Each conversation becomes a conversational *prompt-completion* pair: every turn up to the
+last assistant message is the prompt, the last assistant message the completion. TRL applies
+the model's chat template and, with ``completion_only_loss``, computes the loss on the
+completion tokens only, i.e. on the assistant's answer, never on the question. (TRL's
+``assistant_only_loss`` would also cover earlier assistant turns but needs a chat template
+with ``{% generation %}`` markers, which SmolLM2's and Qwen2.5's templates do not have; the
+data here is single-turn.) LoRA (peft) or full fine-tuning by config; the result is always a
+plain safetensors folder (LoRA merged) so GRPO starts from it like from any model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+from balancedbio.io import DataFormatError, read_jsonl
+
+log = logging.getLogger(__name__)
+
+
+def conversation_pairs(sft_path: str, *, max_examples: int | None = None, seed: int = 0) -> list[dict]:
+    import random
+
+    pairs = []
+    for line_number, row in enumerate(read_jsonl(sft_path), start=1):
+        messages = row.get("messages")
+        if not isinstance(messages, list) or len(messages) < 2:
+            raise DataFormatError(f"{sft_path}:{line_number}: 'messages' must be a list of at least two turns")
+        for turn in messages:
+            if not isinstance(turn, dict) or turn.get("role") not in {"system", "user", "assistant"} \
+                    or not isinstance(turn.get("content"), str):
+                raise DataFormatError(f"{sft_path}:{line_number}: every turn needs a role (system/user/assistant) "
+                                      f"and string content, got {str(turn)[:80]!r}")
+        if messages[-1]["role"] != "assistant":
+            raise DataFormatError(f"{sft_path}:{line_number}: the last turn must be the assistant's, "
+                                  f"not {messages[-1]['role']!r}")
+        pairs.append({"prompt": messages[:-1], "completion": [messages[-1]],
+                      "capability": row.get("capability", "medical")})
+    if not pairs:
+        raise DataFormatError(f"{sft_path}: no conversations")
+    if max_examples and len(pairs) > max_examples:
+        random.Random(seed).shuffle(pairs)
+        pairs = pairs[:max_examples]
+    return pairs
+
+
+def plot_loss(log_history: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from balancedbio.io import atomic_file
+
+    points = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    if points:
+        ax.plot(*zip(*points), marker="o", markersize=2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (assistant tokens)")
+    ax.set_title("SFT")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_file(path, mode="wb", encoding=None) as handle:
+        fig.savefig(handle, format="png", dpi=120)
+    plt.close(fig)
+
+
+def run_sft(*, model_dir: str, sft_path: str, out_dir: str, metrics_path: str, loss_plot: str, checkpoint_dir: str,
+            settings: dict, callbacks: Sequence = ()) -> dict:
+    from datasets import Dataset
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig, SFTTrainer
+
+    from balancedbio.grpo import lora_config, save_merged
+    from balancedbio.io import write_json
+    from balancedbio.models import load_causal_lm, load_tokenizer
+
+    sft, training = settings["sft"], settings["training"]
+    set_seed(settings["seed"])
+    pairs = conversation_pairs(sft_path, max_examples=sft["max_examples"], seed=settings["seed"])
+    dataset = Dataset.from_list(pairs)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=settings["trust_remote_code"])
+    model = load_causal_lm(model_dir, dtype="bfloat16" if training["bf16"] else "float32",
+                           trust_remote_code=settings["trust_remote_code"])
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args = SFTConfig(
+        output_dir=checkpoint_dir,
+        max_length=training["max_length"],
+        completion_only_loss=True,
+        packing=False,
+        per_device_train_batch_size=sft["batch_size"],
+        gradient_accumulation_steps=sft["gradient_accumulation_steps"],
+        learning_rate=sft["learning_rate"],
+        lr_scheduler_type=training["lr_scheduler_type"],
+        warmup_steps=training["warmup_ratio"],
+        num_train_epochs=sft["epochs"],
+        max_steps=sft["max_steps"] or -1,
+        logging_steps=sft["logging_steps"],
+        save_strategy="steps",
+        save_steps=sft["save_steps"],
+        save_total_limit=2,
+        bf16=training["bf16"],
+        gradient_checkpointing=training["gradient_checkpointing"],
+        seed=settings["seed"],
+        report_to=[],
+        deepspeed=training.get("deepspeed_config") if world_size > 1 else None,
+        dataloader_num_workers=0,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=lora_config(training) if training["use_lora"] else None,
+                         callbacks=list(callbacks))
+    last = get_last_checkpoint(checkpoint_dir) if Path(checkpoint_dir).exists() else None
+    if last:
+        log.info("resuming SFT from %s", last)
+    log.info("SFT on %d conversations (%s), %s", len(pairs),
+             ", ".join(f"{c}: {sum(p['capability'] == c for p in pairs)}" for c in sorted({p['capability']
+                                                                                          for p in pairs})),
+             "LoRA" if training["use_lora"] else "full fine-tuning")
+    result = trainer.train(resume_from_checkpoint=last)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    metrics = {"examples": len(pairs), "global_step": trainer.state.global_step,
+               "train_runtime_s": result.metrics.get("train_runtime"), "train_loss": result.training_loss,
+               "first_logged_loss": losses[0] if losses else None, "last_logged_loss": losses[-1] if losses else None,
+               "lora": training["use_lora"], "resumed_from": last,
+               "log_history": [h for h in trainer.state.log_history if "loss" in h]}
+    if trainer.accelerator.is_main_process:
+        save_merged(trainer, tokenizer, out_dir, {"balancedbio_training.json": {k: v for k, v in metrics.items()
+                                                                               if k != "log_history"}})
+        write_json(metrics_path, metrics)
+        plot_loss(trainer.state.log_history, loss_plot)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    log.info("SFT done: loss %s -> %s over %d steps", metrics["first_logged_loss"], metrics["last_logged_loss"],
+             metrics["global_step"])
+    return metrics
+
+
+def sft_settings(config: dict) -> dict:
+    return {"sft": config["sft"], "training": config["training"], "seed": config["seed"],
+            "trust_remote_code": config["model"]["trust_remote_code"]}
