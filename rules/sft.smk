@@ -7,7 +7,7 @@ from balancedbio.sft import sft_settings
 
 rule sft:
     input:
-        model=rules.prepare_model.output.model,
+        model=rules.prepare_model.output[0],
         data=rules.decontaminate.output.sft,
     output:
         model=directory("results/models/sft"),

@@ -54,3 +54,11 @@ def smoke_graph(smoke_workdir):
 @pytest.fixture(scope="session")
 def prepared_model_dir(smoke_workdir) -> Path:
     return smoke_workdir / "results" / "models" / "base"
+
+
+@pytest.fixture(scope="session")
+def smoke_config() -> dict:
+    """The smoke config, validated and with the schema's defaults filled in."""
+    from balancedbio.config import load_config
+
+    return load_config(REPO / "config" / "smoke.yaml", base_dir=REPO)

@@ -46,7 +46,7 @@ def gramian(g_r: Gradients, g_i: Gradients) -> torch.Tensor:
 def gradient_cosine(g_r: Gradients, g_i: Gradients, eps: float = 1e-8) -> torch.Tensor:
     """Eq. 5; differentiable when the gradients were built with ``create_graph=True``."""
     norm_r, norm_i = _dot(g_r, g_r).sqrt(), _dot(g_i, g_i).sqrt()
-    if float(norm_r) == 0.0 or float(norm_i) == 0.0:
+    if float(norm_r.detach()) == 0.0 or float(norm_i.detach()) == 0.0:
         return torch.tensor(math.nan)
     return _dot(g_r, g_i) / (norm_r * norm_i + eps)
 
@@ -66,7 +66,7 @@ def dynamic_lambda(lam: float, policy_grad_norm: float, penalty_grad_norm: float
 
 def orthogonality_penalty(cosine: torch.Tensor, lam: float, tau: float) -> torch.Tensor | None:
     """Eq. 6; ``None`` when the indicator is off or the cosine is undefined."""
-    if torch.isnan(cosine) or abs(float(cosine)) <= tau or lam == 0:
+    if torch.isnan(cosine) or abs(float(cosine.detach())) <= tau or lam == 0:
         return None
     return lam * cosine.abs() ** 2
 

@@ -89,6 +89,19 @@ def check_semantics(config: dict[str, Any]) -> None:
     ds_config = config["training"].get("deepspeed_config")
     if ds_config and not Path(ds_config).is_file():
         raise ConfigError(f"training.deepspeed_config: file '{ds_config}' does not exist.")
+    if ds_config and config.get("aoc", {}).get("mode", "off") != "off":
+        import json
+
+        stage = json.loads(Path(ds_config).read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage", 0)
+        if stage == 3:
+            raise ConfigError(
+                f"aoc.mode: {config['aoc']['mode']} needs each rank's whole gradient of the trainable weights, "
+                f"which DeepSpeed ZeRO-3 ({ds_config}) shards away; use ZeRO-2 "
+                "(envs/deepspeed_zero2.json) or set aoc.mode: off.")
+    grpo = config.get("grpo", {})
+    if grpo.get("prompts_per_step", 2) % 2:
+        raise ConfigError(f"grpo.prompts_per_step: {grpo['prompts_per_step']} cannot split evenly between the "
+                          "medical and the instruction prompts; use an even number.")
 
 
 def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None,

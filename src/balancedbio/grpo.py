@@ -103,7 +103,8 @@ class StratifiedRepeatSampler(Sampler):
         pools: dict[str, list[int]] = {}
         for index, capability in enumerate(capabilities):
             pools.setdefault(capability, []).append(index)
-        self.pools = [pools[name] for name in sorted(pools, key=lambda c: (c not in CAPABILITIES, c))]
+        order = {name: i for i, name in enumerate(CAPABILITIES)}
+        self.pools = [pools[name] for name in sorted(pools, key=lambda c: (order.get(c, len(order)), c))]
         if len(self.pools) > 1 and batch_size < len(self.pools):
             raise ValueError(f"a batch of {batch_size} prompt(s) cannot hold all {len(self.pools)} capabilities "
                              f"({', '.join(sorted(pools))}); raise grpo.prompts_per_step")
@@ -320,7 +321,7 @@ class BalancedGRPOTrainer(GRPOTrainer):
                        if self.aoc["lambda_scaling"] == "gradient_norm" else self.aoc["lambda"])
                 penalty = lam * unit_penalty
                 grads_orth = [None if g is None else lam * g for g in grads_unit]
-        record.update(s_cos=float(cosine), l_orth=float(penalty) if penalty is not None else 0.0,
+        record.update(s_cos=float(cosine.detach()), l_orth=float(penalty.detach()) if penalty is not None else 0.0,
                       aoc_lambda=lam, grad_norm_medical=norm_r, grad_norm_instruction=norm_i)
 
         total = loss_r + loss_i + (penalty if penalty is not None else 0.0)
@@ -328,7 +329,7 @@ class BalancedGRPOTrainer(GRPOTrainer):
             self.accelerator.backward(total)
             return total.detach()
 
-        if mode == "project" and not math.isnan(float(cosine)):
+        if mode == "project" and not math.isnan(float(cosine.detach())):
             combined = self.projector.combine([g.detach() if g is not None else None for g in grads_r],
                                               [g.detach() if g is not None else None for g in grads_i])
             record["projection_weights"] = list(self.projector.combination(grads_r, grads_i))

@@ -4,17 +4,23 @@ with DeepSpeed on several. Kept as a pure function so dry-run tests can check th
 from __future__ import annotations
 
 import shlex
+import sys
 
 
 def launch_prefix(gpus: int, *, deepspeed_config: str | None = None, bf16: bool = False,
-                  python: str = "python") -> str:
-    """Command prefix that runs ``-m balancedbio.train ...`` on ``gpus`` devices of one node."""
+                  python: str | None = None) -> str:
+    """Command prefix that runs ``-m balancedbio.train ...`` on ``gpus`` devices of one node.
+
+    ``python`` defaults to the interpreter running Snakemake, which imports this package, so the
+    rule works whether or not the virtual environment is activated.
+    """
+    python = python or sys.executable
     if gpus <= 1:
-        return python
-    parts = ["accelerate", "launch", "--num_machines", "1", "--num_processes", str(gpus),
+        return shlex.quote(python)
+    parts = [python, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", str(gpus),
              "--mixed_precision", "bf16" if bf16 else "no"]
     if deepspeed_config:
-        parts += ["--use_deepspeed", "--deepspeed_config_file", deepspeed_config, "--zero3_init_flag", "true"]
+        parts += ["--use_deepspeed", "--deepspeed_config_file", deepspeed_config]
     else:
         parts.append("--multi_gpu")
     return shlex.join(parts)

@@ -10,8 +10,9 @@ which the component applies that count as a success; ``None`` when it applies to
   clamped to ``[min_weight, max_weight]``; the integral is clamped to ``+-integral_limit``
   and stops accumulating while the weight sits on a bound in the direction of the error
   (conditional integration: the usual anti-windup). With ``normalize`` the weights are
-  rescaled to mean 1 after each update: GRPO's group normalisation makes only their ratios
-  matter, and this keeps all three from drifting into a bound together.
+  rescaled to geometric mean 1 after each update: GRPO's group normalisation makes only their
+  ratios matter, and this keeps all three from drifting into a bound together. (The errors sum
+  to zero, so the exponents do too and the rescaling only undoes what clamping shifted.)
 - ``StaticWeights``: the ``static_weights`` ablation (Table 2, row b); S_k is still tracked
   and logged so the runs can be compared.
 - ``DWAWeights``: Dynamic Weight Average (Liu et al., CVPR 2019), with the failure rate
@@ -115,8 +116,8 @@ class PIDWeights(WeightController):
             exponent = self.kp * e + self.ki * self.integral[k] + self.kd * (e - previous[k])
             self.weights[k] *= math.exp(max(-20.0, min(20.0, exponent)))
         if self.normalize:
-            mean = sum(self.weights) / len(self.weights)
-            self.weights = [w / mean for w in self.weights]
+            log_mean = sum(math.log(w) for w in self.weights) / len(self.weights)
+            self.weights = [w / math.exp(log_mean) for w in self.weights]
         self.weights = [max(self.min_weight, min(self.max_weight, w)) for w in self.weights]
         self.previous_error = errors
 

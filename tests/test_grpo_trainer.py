@@ -1,0 +1,162 @@
+"""BalancedGRPOTrainer's AOC step on a tiny random Llama: the real trainer code, no generation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from datasets import Dataset  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from trl import GRPOConfig  # noqa: E402
+
+from balancedbio.aoc import Projector, gradient_cosine  # noqa: E402
+from balancedbio.grpo import BalancedGRPOTrainer  # noqa: E402
+from balancedbio.rewards import AccuracyReward, InstructionReward  # noqa: E402
+from balancedbio.weights import PIDWeights  # noqa: E402
+
+VOCAB = ["<pad>", "<unk>", "<eos>"] + [f"w{i}" for i in range(29)]
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                   eos_token="<eos>")
+
+
+def make_trainer(tmp_path, mode: str, **aoc) -> BalancedGRPOTrainer:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, eos_token_id=2, bos_token_id=None)
+    model = LlamaForCausalLM(config)
+    dataset = Dataset.from_list([
+        {"prompt": "w1 w2", "capability": "medical", "answer": "A"},
+        {"prompt": "w3 w4", "capability": "instruction", "answer": None},
+    ])
+    args = GRPOConfig(output_dir=str(tmp_path / mode), per_device_train_batch_size=4, num_generations=2,
+                      beta=0.0, max_completion_length=4, loss_type="grpo", report_to=[], use_cpu=True,
+                      logging_steps=1)
+    trainer = BalancedGRPOTrainer(model=model, reward_funcs=[AccuracyReward(), InstructionReward()], args=args,
+                                  train_dataset=dataset, processing_class=_tokenizer(),
+                                  weight_controller=PIDWeights(["accuracy", "instruction"]),
+                                  aoc_config={"mode": mode, "tau": 0.0, "lambda": 0.6,
+                                              "lambda_scaling": "constant", **aoc})
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop in a real run
+    trainer.model.train()
+    return trainer
+
+
+def batch(advantages=(1.0, -0.4, 0.7, -0.2)) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "prompt_ids": torch.randint(3, len(VOCAB), (4, 3), generator=generator),
+        "prompt_mask": torch.ones(4, 3, dtype=torch.long),
+        "completion_ids": torch.randint(3, len(VOCAB), (4, 5), generator=generator),
+        "completion_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 0]]),
+        "advantages": torch.tensor(advantages),
+        "is_medical": torch.tensor([True, True, False, False]),
+        "num_items_in_batch": torch.tensor(13.0),
+    }
+
+
+def _grads(model):
+    return [p.grad.clone() if p.grad is not None else None for p in model.parameters() if p.requires_grad]
+
+
+def _flat(grads):
+    return torch.cat([g.reshape(-1) for g in grads if g is not None])
+
+
+def _reference(trainer, inputs):
+    """Per-capability gradients and the full-batch gradient, computed independently."""
+    model = trainer.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_r, loss_i = trainer.capability_losses(model, inputs)
+    g_r = torch.autograd.grad(loss_r, params)
+    g_i = torch.autograd.grad(loss_i, params)
+    full = trainer._compute_loss(model, inputs)
+    g_full = torch.autograd.grad(full, params)
+    return loss_r, loss_i, full, g_r, g_i, g_full
+
+
+def test_capability_losses_sum_to_the_trl_loss(tmp_path):
+    trainer = make_trainer(tmp_path, "monitor")
+    loss_r, loss_i, full, g_r, g_i, g_full = _reference(trainer, batch())
+    assert float(loss_r + loss_i) == pytest.approx(float(full), rel=1e-5, abs=1e-7)
+    assert torch.allclose(_flat(g_r) + _flat(g_i), _flat(g_full), rtol=1e-3, atol=1e-4)
+
+
+def test_monitor_logs_the_cosine_and_leaves_trl_update_untouched(tmp_path):
+    trainer = make_trainer(tmp_path, "monitor")
+    inputs = batch()
+    _, _, _, g_r, g_i, g_full = _reference(trainer, inputs)
+    trainer.model.zero_grad()
+    trainer.orthogonality_step(trainer.model, inputs)
+    record = trainer.pop_step_record()
+    expected = float(torch.nn.functional.cosine_similarity(_flat(g_r), _flat(g_i), dim=0))
+    assert record["s_cos"] == pytest.approx(expected, rel=1e-4)
+    assert record["l_orth"] == 0.0
+    assert torch.allclose(_flat(_grads(trainer.model)), _flat(g_full), rtol=1e-3, atol=1e-4)
+
+
+def test_penalty_changes_the_update(tmp_path):
+    monitor, penalty = make_trainer(tmp_path, "monitor"), make_trainer(tmp_path, "penalty")
+    for trainer in (monitor, penalty):
+        trainer.model.zero_grad()
+        trainer.orthogonality_step(trainer.model, batch())
+    record = penalty.pop_step_record()
+    assert record["l_orth"] == pytest.approx(0.6 * record["s_cos"] ** 2, rel=1e-4)
+    difference = _flat(_grads(penalty.model)) - _flat(_grads(monitor.model))
+    assert float(difference.norm()) > 1e-6 * float(_flat(_grads(monitor.model)).norm())
+    # The penalty's gradient pushes |S_cos| down: a small step along it lowers S_cos^2.
+    params = [p for p in penalty.model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p, d in zip(params, torch.split(difference, [p.numel() for p in params])):
+            p -= 1e-2 / float(difference.norm()) * d.view_as(p)
+    loss_r, loss_i = penalty.capability_losses(penalty.model, batch())
+    cos_after = gradient_cosine(torch.autograd.grad(loss_r, params), torch.autograd.grad(loss_i, params))
+    assert abs(float(cos_after)) < abs(record["s_cos"])
+
+
+def test_project_applies_pcgrad_to_the_two_gradients(tmp_path):
+    trainer = make_trainer(tmp_path, "project", projection="pcgrad")
+    inputs = batch()
+    _, _, _, g_r, g_i, _ = _reference(trainer, inputs)
+    trainer.model.zero_grad()
+    trainer.orthogonality_step(trainer.model, inputs)
+    expected = _flat(Projector("pcgrad").combine(list(g_r), list(g_i)))
+    got = _flat(_grads(trainer.model))
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert float(got @ _flat(g_r)) >= -1e-7 and float(got @ _flat(g_i)) >= -1e-7
+
+
+def test_zero_advantage_capability_makes_the_cosine_undefined(tmp_path):
+    trainer = make_trainer(tmp_path, "penalty")
+    trainer.orthogonality_step(trainer.model, batch(advantages=(1.0, -1.0, 0.0, 0.0)))
+    record = trainer.pop_step_record()
+    assert math.isnan(record["s_cos"]) and record["l_orth"] == 0.0
+    assert "instruction" in record["aoc_note"]
+
+
+def test_reward_weights_follow_the_controller(tmp_path):
+    trainer = make_trainer(tmp_path, "off")
+    trainer.reward_funcs[0].last_success = [False, False, True, False]  # accuracy 25 %
+    trainer.reward_funcs[1].last_success = [True, True, True, None]  # instruction 100 %
+    rates_before = list(trainer.weight_controller.weights)
+    # What _calculate_rewards does after TRL scored the batch:
+    trainer.model.train()
+    from unittest import mock
+
+    with mock.patch("trl.GRPOTrainer._calculate_rewards", return_value=torch.zeros(4, 2)):
+        trainer._calculate_rewards([{}] * 4, ["p"] * 4, ["c"] * 4, [[1]] * 4)
+    assert rates_before == [1.0, 1.0]
+    assert float(trainer.reward_weights[0]) > 1.0 > float(trainer.reward_weights[1])
+    record = trainer.pop_step_record()
+    assert record["batch_success_accuracy"] == 0.25 and record["batch_success_instruction"] == 1.0
