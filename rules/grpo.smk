@@ -10,17 +10,13 @@ wildcard_constraints:
     variant="full|static_weights|no_prm|no_aoc|ppo|dwa|pcgrad|gradvac|g[0-9]+",
 
 
-def grpo_prm(wildcards):
-    # The no_prm ablation does not wait for (or need) the process reward model.
-    return [] if wildcards.variant == "no_prm" else rules.train_prm.output.model
-
-
 rule grpo:
     input:
         model=rules.sft.output.model,
         mcq=rules.decontaminate.output.mcq_train,
         prompts=rules.decontaminate.output.prompts,
-        prm=grpo_prm,
+        # The no_prm ablation neither waits for nor loads the process reward model.
+        prm=lambda wc: [] if wc.variant == "no_prm" else rules.train_prm.output.model,
     output:
         model=directory("results/models/grpo_{variant}"),
         dynamics="results/grpo_{variant}/dynamics.jsonl",
@@ -31,7 +27,8 @@ rule grpo:
         settings=lambda wc: json.dumps(variant_settings(config, wc.variant), sort_keys=True),
         prm=lambda wc, input: f"--prm {input.prm}" if input.prm else "",
         checkpoints="results/grpo_{variant}/checkpoints",
-        code=code_digest("grpo.py", "ppo.py", "aoc.py", "weights.py", "rewards.py", "prm.py", "train.py"),
+        code=code_digest("grpo.py", "ppo.py", "aoc.py", "weights.py", "rewards.py", "prm.py", "train.py",
+                         "checkpoints.py"),
     log:
         "logs/grpo_{variant}.log",
     benchmark:

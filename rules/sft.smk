@@ -18,7 +18,7 @@ rule sft:
         settings=json.dumps(sft_settings(config), sort_keys=True),
         # Not an output: Snakemake would delete it before a rerun, and resuming needs it.
         checkpoints="results/sft/checkpoints",
-        code=code_digest("sft.py", "grpo.py", "models.py", "train.py"),
+        code=code_digest("sft.py", "grpo.py", "models.py", "train.py", "checkpoints.py"),
     log:
         "logs/sft.log",
     benchmark:

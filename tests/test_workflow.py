@@ -13,9 +13,45 @@ from conftest import REPO, SHARED_BENCHMARKS, run_snakemake
 def test_dry_run_plans_the_full_dag(config_name, tmp_path):
     result = run_snakemake("-n", "--configfile", str(REPO / "config" / config_name), workdir=tmp_path)
     plan = result.stdout + result.stderr
-    for rule in ("prepare_model", "build_kg", "kg_synth", "instruct_prompts", "decontaminate", "train_prm"):
+    for rule in ("prepare_model", "build_kg", "kg_synth", "instruct_prompts", "decontaminate", "train_prm",
+                 "sft", "grpo"):
         assert f"rule {rule}:" in plan
+    assert "results/grpo_full/dynamics.jsonl" in plan and "results/grpo_static_weights/dynamics.jsonl" in plan
     assert "This was a dry-run" in plan
+
+
+@pytest.mark.parametrize("target, variants", [
+    ("ablations", ["full", "static_weights", "no_prm", "no_aoc", "ppo", "dwa", "pcgrad", "gradvac"]),
+    ("group_size_sweep", ["g4", "g8", "g16"]),
+])
+def test_ablation_and_sweep_targets_plan_every_variant(target, variants, tmp_path):
+    plan = run_snakemake("-n", target, "--configfile", str(REPO / "config" / "config.yaml"), workdir=tmp_path)
+    output = plan.stdout + plan.stderr
+    for variant in variants:
+        assert f"results/models/grpo_{variant}" in output
+
+
+def test_paper_config_launches_training_on_8_gpus_with_deepspeed(tmp_path):
+    result = run_snakemake("-n", "-p", "results/grpo_full/dynamics.jsonl", "--configfile",
+                           str(REPO / "config" / "paper.yaml"), workdir=tmp_path)
+    plan = result.stdout + result.stderr
+    commands = [line for line in plan.splitlines() if "-m balancedbio.train" in line]
+    assert {c.split("-m balancedbio.train ")[1].split()[0] for c in commands} == {"sft", "grpo"}
+    for command in commands:
+        assert "-m accelerate.commands.launch" in command and "--num_processes 8" in command
+        assert "--use_deepspeed --deepspeed_config_file" in command and "deepspeed_zero2.json" in command
+        assert "--mixed_precision bf16" in command
+    grpo = next(c for c in commands if " grpo " in c)
+    assert '"use_vllm": true' in grpo and '"num_generations": 16' in grpo and '"beta": 0.04' in grpo
+    assert "gpu=8" in plan
+
+
+def test_zero3_with_aoc_is_refused_with_a_reason(tmp_path):
+    cfg = tmp_path / "z3.yaml"
+    cfg.write_text(f"training:\n  deepspeed_config: {REPO / 'envs' / 'deepspeed_zero3_offload.json'}\n")
+    result = run_snakemake("-n", "--configfile", str(cfg), workdir=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "ZeRO-3" in result.stdout + result.stderr and "aoc.mode" in result.stdout + result.stderr
 
 
 def test_dry_run_with_slurm_profile_shows_resources(tmp_path):

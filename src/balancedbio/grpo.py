@@ -502,28 +502,12 @@ def save_merged(trainer, tokenizer, out_dir: str, extra_files: dict[str, Any] | 
             (Path(tmp) / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
-def run_grpo(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: str | None, out_dir: str,
-             dynamics_path: str, checkpoint_dir: str, settings: dict, callbacks: Sequence = ()) -> dict:
-    """Train one variant; resumes from the newest checkpoint in ``checkpoint_dir``."""
-    from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
-
+def build_trainer(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: str | None, settings: dict,
+                  output_dir: str, world_size: int = 1, deepspeed: str | None = None, callbacks: Sequence = (),
+                  vanilla: bool = False, generation_kwargs: dict | None = None):
+    """The trainer of one variant (or, with ``vanilla``, TRL's own GRPOTrainer on the same setup)."""
     from balancedbio.models import load_causal_lm, load_tokenizer
     from balancedbio.rewards import build_reward_functions
-
-    set_seed(settings["seed"])
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    deepspeed = settings["training"].get("deepspeed_config")
-    checkpoint_root = Path(checkpoint_dir)
-    checkpoint_root.mkdir(parents=True, exist_ok=True)
-    live_dynamics = checkpoint_root / "dynamics.jsonl"
-    last = get_last_checkpoint(str(checkpoint_root)) if checkpoint_root.exists() else None
-    if last:
-        step = int(Path(last).name.split("-")[-1])
-        log.info("resuming %s from %s (step %d)", settings["variant"], last, step)
-        truncate_dynamics(live_dynamics, step)
-    else:
-        live_dynamics.unlink(missing_ok=True)
 
     dataset = build_prompt_dataset(mcq_path, prompts_path, max_prompts=settings["grpo"]["max_prompts"],
                                    seed=settings["seed"])
@@ -531,20 +515,51 @@ def run_grpo(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: str |
     model = load_causal_lm(model_dir, dtype="bfloat16" if settings["training"]["bf16"] else "float32",
                            trust_remote_code=settings["trust_remote_code"])
     reward_funcs = build_reward_functions(settings["rewards"], prm_dir if settings["use_prm"] else None)
-    controller = build_weight_controller(settings["weights"], [f.name for f in reward_funcs])
-    trainer_ref: list = []
-    kwargs = dict(model=model, reward_funcs=reward_funcs, args=grpo_config(settings, str(checkpoint_root),
-                                                                            world_size, deepspeed),
-                  train_dataset=dataset, processing_class=tokenizer,
+    args = grpo_config(settings, output_dir, world_size, deepspeed)
+    if generation_kwargs:
+        args.generation_kwargs = {**(args.generation_kwargs or {}), **generation_kwargs}
+    kwargs = dict(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
+                  processing_class=tokenizer,
                   peft_config=lora_config(settings["training"]) if settings["training"]["use_lora"] else None,
-                  callbacks=[DynamicsWriter(live_dynamics, trainer_ref), *callbacks],
-                  weight_controller=controller, aoc_config=settings["aoc"])
+                  callbacks=list(callbacks))
+    if vanilla:
+        return GRPOTrainer(**kwargs), tokenizer
+    kwargs.update(weight_controller=build_weight_controller(settings["weights"], [f.name for f in reward_funcs]),
+                  aoc_config=settings["aoc"])
     if settings["advantage"] == "critic":
         from balancedbio.ppo import CriticAdvantageTrainer
 
-        trainer = CriticAdvantageTrainer(**kwargs, critic_model_dir=model_dir, ppo_config=settings["ppo"])
+        return CriticAdvantageTrainer(**kwargs, critic_model_dir=model_dir, ppo_config=settings["ppo"]), tokenizer
+    return BalancedGRPOTrainer(**kwargs), tokenizer
+
+
+def run_grpo(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: str | None, out_dir: str,
+             dynamics_path: str, checkpoint_dir: str, settings: dict, callbacks: Sequence = ()) -> dict:
+    """Train one variant; resumes from the newest checkpoint in ``checkpoint_dir``."""
+    from transformers import set_seed
+
+    from balancedbio.checkpoints import CompletionMarker, last_complete_checkpoint
+
+    set_seed(settings["seed"])
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    deepspeed = settings["training"].get("deepspeed_config")
+    checkpoint_root = Path(checkpoint_dir)
+    checkpoint_root.mkdir(parents=True, exist_ok=True)
+    live_dynamics = checkpoint_root / "dynamics.jsonl"
+    last = last_complete_checkpoint(checkpoint_root)
+    if last:
+        step = int(Path(last).name.split("-")[-1])
+        log.info("resuming %s from %s (step %d)", settings["variant"], last, step)
+        truncate_dynamics(live_dynamics, step)
     else:
-        trainer = BalancedGRPOTrainer(**kwargs)
+        live_dynamics.unlink(missing_ok=True)
+
+    trainer_ref: list = []
+    trainer, tokenizer = build_trainer(
+        model_dir=model_dir, mcq_path=mcq_path, prompts_path=prompts_path, prm_dir=prm_dir, settings=settings,
+        output_dir=str(checkpoint_root), world_size=world_size, deepspeed=deepspeed,
+        callbacks=[DynamicsWriter(live_dynamics, trainer_ref), CompletionMarker(), *callbacks])
+    controller, reward_funcs, dataset = trainer.weight_controller, trainer.reward_funcs, trainer.train_dataset
     trainer_ref.append(trainer)
     log.info("GRPO %s: %d prompts (%d medical), G=%d, %d prompts/step, %d steps, weights=%s, aoc=%s",
              settings["variant"], len(dataset), sum(c == "medical" for c in dataset["capability"]),

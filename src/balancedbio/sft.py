@@ -75,11 +75,11 @@ def run_sft(*, model_dir: str, sft_path: str, out_dir: str, metrics_path: str, l
             settings: dict, callbacks: Sequence = ()) -> dict:
     from datasets import Dataset
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
     from balancedbio.grpo import lora_config, save_merged
     from balancedbio.io import write_json
+    from balancedbio.checkpoints import CompletionMarker, last_complete_checkpoint
     from balancedbio.models import load_causal_lm, load_tokenizer
 
     sft, training = settings["sft"], settings["training"]
@@ -115,8 +115,8 @@ def run_sft(*, model_dir: str, sft_path: str, out_dir: str, metrics_path: str, l
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=lora_config(training) if training["use_lora"] else None,
-                         callbacks=list(callbacks))
-    last = get_last_checkpoint(checkpoint_dir) if Path(checkpoint_dir).exists() else None
+                         callbacks=[CompletionMarker(), *callbacks])
+    last = last_complete_checkpoint(checkpoint_dir)
     if last:
         log.info("resuming SFT from %s", last)
     log.info("SFT on %d conversations (%s), %s", len(pairs),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 
 from balancedbio.logs import setup_logging
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         summary = run_grpo(model_dir=args.model, mcq_path=args.mcq, prompts_path=args.prompts, prm_dir=args.prm,
                            out_dir=args.out, dynamics_path=args.dynamics, checkpoint_dir=args.checkpoints,
                            settings=settings)
-        if args.figure:
+        if args.figure and int(os.environ.get("RANK", "0")) == 0:
             plot_dynamics(args.dynamics, args.figure, title=f"grpo_{settings['variant']}")
         log.info("final weights %s", summary["final_weights"])
 

@@ -1,0 +1,98 @@
+"""SFT and GRPO for real on the smoke workflow's outputs: dynamics, weights, kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from balancedbio.grpo import variant_settings
+from balancedbio.weights import build_weight_controller
+
+pytestmark = pytest.mark.slow
+
+DYNAMICS_FIELDS = {"step", "loss", "reward", "kl", "clip_fraction", "completion_length", "step_seconds",
+                   "s_cos", "l_orth", "reward_accuracy", "reward_instruction", "reward_reasoning",
+                   "success_accuracy", "success_reasoning", "success_instruction",
+                   "weight_accuracy", "weight_reasoning", "weight_instruction"}
+NAMES = ["accuracy", "reasoning", "instruction"]
+
+
+def _dynamics(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_sft_trains_on_assistant_turns_and_saves_a_plain_model(smoke_workdir):
+    metrics = json.loads((smoke_workdir / "results" / "sft" / "metrics.json").read_text())
+    assert metrics["global_step"] == 2 and metrics["lora"] is True
+    assert metrics["first_logged_loss"] > 0
+    model_dir = smoke_workdir / "results" / "models" / "sft"
+    assert (model_dir / "model.safetensors").is_file() and not (model_dir / "adapter_config.json").exists()
+    assert (smoke_workdir / "results" / "sft" / "loss.png").stat().st_size > 1000
+    assert not (smoke_workdir / "results" / "sft" / "checkpoints").exists()
+
+
+def test_grpo_full_logs_every_field_and_pid_weights_follow_the_success_rates(smoke_workdir, smoke_config):
+    rows = _dynamics(smoke_workdir / "results" / "grpo_full" / "dynamics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert DYNAMICS_FIELDS <= set(row), DYNAMICS_FIELDS - set(row)
+        assert row["s_cos"] is None or -1.0 <= row["s_cos"] <= 1.0
+    # Replaying the logged batch success rates through a fresh controller gives the logged weights.
+    controller = build_weight_controller(smoke_config["weights"], NAMES)
+    for row in rows:
+        expected = controller.update([row[f"batch_success_{n}"] for n in NAMES])
+        assert [row[f"weight_{n}"] for n in NAMES] == pytest.approx(expected)
+    summary = json.loads((smoke_workdir / "results" / "models" / "grpo_full" / "balancedbio_training.json")
+                         .read_text())
+    assert summary["global_step"] == 2 and summary["settings"]["aoc"]["mode"] == "penalty"
+    assert (smoke_workdir / "results" / "grpo_full" / "dynamics.png").stat().st_size > 1000
+    assert (smoke_workdir / "logs" / "grpo_full.log").is_file()
+    assert (smoke_workdir / "benchmarks" / "grpo_full.tsv").is_file()
+
+
+def test_static_weights_variant_keeps_the_weights(smoke_workdir):
+    rows = _dynamics(smoke_workdir / "results" / "grpo_static_weights" / "dynamics.jsonl")
+    assert rows and all(row[f"weight_{n}"] == 1.0 for row in rows for n in NAMES)
+
+
+def test_killed_grpo_resumes_from_its_last_checkpoint(smoke_workdir, smoke_config, tmp_path):
+    settings = variant_settings(smoke_config, "full")
+    settings["grpo"].update(max_steps=4, save_steps=1)
+    results = smoke_workdir / "results"
+    checkpoints, out, dynamics = tmp_path / "checkpoints", tmp_path / "model", tmp_path / "dynamics.jsonl"
+    cmd = [sys.executable, "-m", "balancedbio.train", "grpo", "--model", str(results / "models" / "sft"),
+           "--mcq", str(results / "data" / "clean" / "mcq_train.jsonl"),
+           "--prompts", str(results / "data" / "clean" / "prompts.jsonl"), "--prm", str(results / "models" / "prm"),
+           "--out", str(out), "--dynamics", str(dynamics), "--checkpoints", str(checkpoints),
+           "--settings", json.dumps(settings)]
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 600
+        while not (checkpoints / "checkpoint-2" / ".complete").exists():
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint-2 within 10 minutes"
+            time.sleep(0.5)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert not out.exists(), "the first run finished before it was killed"
+    # The newest completely written checkpoint (a later one may have been cut mid-save).
+    marker = sorted(checkpoints.glob("checkpoint-*/.complete"), key=lambda p: int(p.parent.name.split("-")[1]))[-1]
+    saved = marker.parent / "balancedbio_state.json"
+    resume_step = int(saved.parent.name.split("-")[1])
+    state = json.loads(saved.read_text())["weights"]
+
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert f"resuming full from {saved.parent}" in second.stderr
+    rows = _dynamics(dynamics)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    at_resume = next(r for r in rows if r["step"] == resume_step)
+    assert [at_resume[f"weight_{n}"] for n in NAMES] == pytest.approx(state["weights"])
+    summary = json.loads((out / "balancedbio_training.json").read_text())
+    assert summary["global_step"] == 4 and summary["resumed_from"] == str(saved.parent)
+    assert not checkpoints.exists()
