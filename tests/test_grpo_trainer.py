@@ -106,8 +106,9 @@ def test_monitor_logs_the_cosine_and_leaves_trl_update_untouched(tmp_path):
     assert torch.allclose(_flat(_grads(trainer.model)), _flat(g_full), rtol=1e-3, atol=1e-4)
 
 
-def test_penalty_changes_the_update(tmp_path):
-    monitor, penalty = make_trainer(tmp_path, "monitor"), make_trainer(tmp_path, "penalty")
+@pytest.mark.parametrize("how", ["exact", "finite_difference"])
+def test_penalty_changes_the_update(tmp_path, how):
+    monitor, penalty = make_trainer(tmp_path, "monitor"), make_trainer(tmp_path, "penalty", penalty_gradient=how)
     for trainer in (monitor, penalty):
         trainer.model.zero_grad()
         trainer.orthogonality_step(trainer.model, batch())
@@ -160,3 +161,17 @@ def test_reward_weights_follow_the_controller(tmp_path):
     assert float(trainer.reward_weights[0]) > 1.0 > float(trainer.reward_weights[1])
     record = trainer.pop_step_record()
     assert record["batch_success_accuracy"] == 0.25 and record["batch_success_instruction"] == 1.0
+
+
+def test_finite_difference_penalty_gradient_matches_the_double_backward(tmp_path):
+    updates = {}
+    for how in ("exact", "finite_difference"):
+        monitor, penalty = make_trainer(tmp_path, "monitor"), make_trainer(tmp_path, "penalty", penalty_gradient=how)
+        for trainer in (monitor, penalty):
+            trainer.model.zero_grad()
+            trainer.orthogonality_step(trainer.model, batch())
+        updates[how] = _flat(_grads(penalty.model)) - _flat(_grads(monitor.model))
+    exact, approx = updates["exact"], updates["finite_difference"]
+    # A forward difference in float32: agreement to within a few percent, measured 0.985 here.
+    assert float(torch.nn.functional.cosine_similarity(exact, approx, dim=0)) > 0.95
+    assert float(approx.norm()) == pytest.approx(float(exact.norm()), rel=0.1)

@@ -7,9 +7,12 @@ does not reach), so nothing is flattened into one huge vector.
   exactly zero (a batch whose groups all had zero reward variance has zero advantages, hence
   a zero policy gradient) the cosine is *undefined*: it returns NaN, never 0, and no penalty
   or projection is applied.
-- ``orthogonality_penalty``: eq. 6, L_orth = lambda * 1(|S_cos| > tau) * S_cos^2, built from
-  gradients taken with ``create_graph=True`` so that it is differentiable (double backward)
-  and really changes the update.
+- ``orthogonality_penalty``: eq. 6, L_orth = lambda * 1(|S_cos| > tau) * S_cos^2. Its gradient
+  really enters the update, either exactly (``penalty_gradient: exact``: gradients taken with
+  ``create_graph=True``, then a double backward) or through two finite-difference
+  Hessian-vector products (``finite_difference``, see ``cosine_gradient_directions``): the
+  double backward cannot use fused attention or TRL's fused log-prob kernel, which costs
+  ~10x the memory on the embedded model and does not scale to 2048-token sequences.
 - ``dynamic_lambda``: the paper calls lambda "a dynamic scaling factor" without a formula;
   here lambda_t = lambda * min(1, |g_R + g_I| / |grad S_cos^2|) (``lambda_scaling:
   gradient_norm``, the default) or lambda itself (``constant``): see the function.
@@ -49,6 +52,28 @@ def gradient_cosine(g_r: Gradients, g_i: Gradients, eps: float = 1e-8) -> torch.
     if float(norm_r.detach()) == 0.0 or float(norm_i.detach()) == 0.0:
         return torch.tensor(math.nan)
     return _dot(g_r, g_i) / (norm_r * norm_i + eps)
+
+
+def cosine_gradient_directions(g_r: Gradients, g_i: Gradients, cosine: float
+                               ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """(v_R, v_I) with grad_theta S_cos = H_R v_R + H_I v_I (H_* the Hessians of the two losses).
+
+    From S = g_R.g_I / (|g_R||g_I|): dS/dg_R = g_I/(|g_R||g_I|) - S g_R/|g_R|^2 (and symmetrically),
+    and dg_R/dtheta = H_R. Two Hessian-vector products then give the penalty's exact gradient
+    direction; ``finite_difference`` mode approximates them with one extra gradient each.
+    """
+    norm_r, norm_i = float(_dot(g_r, g_r).sqrt()), float(_dot(g_i, g_i).sqrt())
+    v_r, v_i = [], []
+    for a, b in zip(g_r, g_i):
+        if a is None and b is None:
+            v_r.append(None)
+            v_i.append(None)
+            continue
+        a = a.detach() if a is not None else torch.zeros_like(b)
+        b = b.detach() if b is not None else torch.zeros_like(a)
+        v_r.append(b / (norm_r * norm_i) - cosine * a / norm_r ** 2)
+        v_i.append(a / (norm_r * norm_i) - cosine * b / norm_i ** 2)
+    return v_r, v_i
 
 
 def dynamic_lambda(lam: float, policy_grad_norm: float, penalty_grad_norm: float) -> float:

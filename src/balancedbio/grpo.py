@@ -35,6 +35,7 @@ import os
 import random
 import shutil
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,7 +44,8 @@ from torch.utils.data import Sampler
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from balancedbio.aoc import Projector, dynamic_lambda, gradient_cosine, orthogonality_penalty
+from balancedbio.aoc import (Projector, cosine_gradient_directions, dynamic_lambda, gradient_cosine,
+                             orthogonality_penalty)
 from balancedbio.weights import WeightController, build_weight_controller
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,29 @@ class StratifiedRepeatSampler(Sampler):
         return self.num_batches * self.batch_size * self.mini_repeat_count * self.repeat_count
 
 
+def _rng_state() -> tuple:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+class _restored_rng:
+    """Run a block with a saved RNG state, then put the current one back."""
+
+    def __init__(self, state: tuple):
+        self.state = state
+
+    def __enter__(self):
+        self.saved = _rng_state()
+        torch.set_rng_state(self.state[0])
+        if self.state[1] is not None:
+            torch.cuda.set_rng_state_all(self.state[1])
+
+    def __exit__(self, *exc):
+        torch.set_rng_state(self.saved[0])
+        if self.saved[1] is not None:
+            torch.cuda.set_rng_state_all(self.saved[1])
+        return False
+
+
 def _select_rows(inputs: dict, mask: torch.Tensor) -> dict:
     rows = mask.shape[0]
     return {key: value[mask] if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == rows
@@ -147,6 +172,7 @@ class BalancedGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, weight_controller: WeightController, aoc_config: dict | None = None, **kwargs):
         self.weight_controller = weight_controller
         self.aoc = {"mode": "off", "interval": 1, "tau": 0.1, "lambda": 0.6, "lambda_scaling": "gradient_norm",
+                    "penalty_gradient": "finite_difference", "fd_step": 1e-3,
                     "eps": 1e-8, "projection": "pcgrad", "gradvac_beta": 0.01, **(aoc_config or {})}
         super().__init__(*args, **kwargs)
         names = [getattr(f, "name", getattr(f, "__name__", str(f))) for f in self.reward_funcs]
@@ -223,13 +249,60 @@ class BalancedGRPOTrainer(GRPOTrainer):
             return None
         medical, instruction = _select_rows(inputs, is_medical), _select_rows(inputs, ~is_medical)
         self._double_backward = differentiable
+        # Remember each part (and its RNG state, for LoRA dropout) to re-evaluate it at shifted weights.
+        self._capability_parts = []
+        losses = []
         try:
-            with self.compute_loss_context_manager():
-                loss_r = self._compute_loss(model, medical) * self._capability_loss_scale(medical, inputs)
-                loss_i = self._compute_loss(model, instruction) * self._capability_loss_scale(instruction, inputs)
+            for part in (medical, instruction):
+                rng = _rng_state()
+                scale = self._capability_loss_scale(part, inputs)
+                with self.compute_loss_context_manager():
+                    losses.append(self._compute_loss(model, part) * scale)
+                self._capability_parts.append((part, scale, rng))
         finally:
             self._double_backward = False
-        return loss_r, loss_i
+        return losses[0], losses[1]
+
+    def _gradient_at_shift(self, model, params, part_index: int, direction: list, step: float) -> list:
+        """Gradient of one capability's loss at theta + step * direction (same batch, same dropout)."""
+        part, scale, rng = self._capability_parts[part_index]
+        saved_metrics = self._metrics  # keep the probe's KL/entropy out of the logs
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        try:
+            with torch.no_grad():
+                for p, d in zip(params, direction):
+                    if d is not None:
+                        p.add_(d.to(p.dtype), alpha=step)
+            with _restored_rng(rng), self.compute_loss_context_manager():
+                loss = self._compute_loss(model, part) * scale
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        finally:
+            with torch.no_grad():
+                for p, d in zip(params, direction):
+                    if d is not None:
+                        p.sub_(d.to(p.dtype), alpha=step)
+            self._metrics = saved_metrics
+        return list(grads)
+
+    def _penalty_gradient_fd(self, model, params, grads_r, grads_i, cosine: float) -> list:
+        """grad of S_cos^2 = 2 S (H_R v_R + H_I v_I), each H v by a forward difference of gradients."""
+        v_r, v_i = cosine_gradient_directions(grads_r, grads_i, cosine)
+        theta_norm = math.sqrt(sum(float(p.detach().float().pow(2).sum()) for p in params))
+        total = [None] * len(params)
+        for index, (direction, base) in enumerate(((v_r, grads_r), (v_i, grads_i))):
+            v_norm = math.sqrt(sum(float(d.float().pow(2).sum()) for d in direction if d is not None))
+            if v_norm == 0:
+                continue
+            step = self.aoc["fd_step"] * max(theta_norm, 1.0) / v_norm
+            shifted = self._gradient_at_shift(model, params, index, direction, step)
+            for k, (g1, g0) in enumerate(zip(shifted, base)):
+                if g1 is None and g0 is None:
+                    continue
+                g1 = g1 if g1 is not None else torch.zeros_like(g0)
+                g0 = g0.detach() if g0 is not None else torch.zeros_like(g1)
+                hv = (g1 - g0) / step
+                total[k] = hv if total[k] is None else total[k] + hv
+        return [None if t is None else 2.0 * cosine * t for t in total]
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
                                            batch_size=None, compute_entropy=False, compute_aux_loss=False,
@@ -280,7 +353,7 @@ class BalancedGRPOTrainer(GRPOTrainer):
         """Forward/backward of one micro-batch with AOC; leaves the gradients in ``p.grad``."""
         mode = self.aoc["mode"]
         record = self._step_record
-        differentiable = mode == "penalty"
+        differentiable = mode == "penalty" and self.aoc["penalty_gradient"] == "exact"
         losses = self.capability_losses(model, inputs, differentiable)
         if losses is None:  # one capability only in this micro-batch: S_cos is undefined
             record.update(s_cos=math.nan, l_orth=0.0, aoc_lambda=0.0, aoc_note="single capability")
@@ -314,8 +387,12 @@ class BalancedGRPOTrainer(GRPOTrainer):
         if mode == "penalty":
             unit_penalty = orthogonality_penalty(cosine, 1.0, self.aoc["tau"])
             if unit_penalty is not None:
-                grads_unit = torch.autograd.grad(unit_penalty, params, retain_graph=True, create_graph=False,
-                                                 allow_unused=True)
+                if differentiable:
+                    grads_unit = torch.autograd.grad(unit_penalty, params, retain_graph=True, create_graph=False,
+                                                     allow_unused=True)
+                else:
+                    grads_unit = self._penalty_gradient_fd(model, params, grads_r, grads_i,
+                                                           float(cosine.detach()))
                 unit_norm = math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads_unit if g is not None))
                 lam = (dynamic_lambda(self.aoc["lambda"], policy_norm, unit_norm)
                        if self.aoc["lambda_scaling"] == "gradient_norm" else self.aoc["lambda"])
@@ -324,10 +401,16 @@ class BalancedGRPOTrainer(GRPOTrainer):
         record.update(s_cos=float(cosine.detach()), l_orth=float(penalty.detach()) if penalty is not None else 0.0,
                       aoc_lambda=lam, grad_norm_medical=norm_r, grad_norm_instruction=norm_i)
 
-        total = loss_r + loss_i + (penalty if penalty is not None else 0.0)
+        if penalty is not None and not differentiable:
+            # The value is a constant here; its gradient (grads_orth) is added explicitly below.
+            penalty = penalty.detach()
+        total = loss_r + loss_i + (penalty if penalty is not None and differentiable else 0.0)
         if self._aoc_through_backward:
+            if penalty is not None and not differentiable:
+                # A surrogate whose gradient is grads_orth, so DeepSpeed/DDP hooks see one backward.
+                total = total + sum((p * g.detach()).sum() for p, g in zip(params, grads_orth) if g is not None)
             self.accelerator.backward(total)
-            return total.detach()
+            return (total.detach() if penalty is None else (loss_r + loss_i).detach() + penalty.detach())
 
         if mode == "project" and not math.isnan(float(cosine.detach())):
             combined = self.projector.combine([g.detach() if g is not None else None for g in grads_r],
@@ -344,7 +427,7 @@ class BalancedGRPOTrainer(GRPOTrainer):
                 continue
             grad = grad.detach().to(param.dtype)
             param.grad = grad.clone() if param.grad is None else param.grad + grad
-        return total.detach()
+        return (loss_r + loss_i).detach() + (penalty.detach() if penalty is not None else 0.0)
 
     # -- logging, checkpoints -----------------------------------------------------------------
     def pop_step_record(self) -> dict:
