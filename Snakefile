@@ -21,6 +21,7 @@ localrules:
     all,
     ablations,
     group_size_sweep,
+    eval_skipped,
 
 
 include: "rules/common.smk"
@@ -29,6 +30,7 @@ include: "rules/data.smk"
 include: "rules/prm.smk"
 include: "rules/sft.smk"
 include: "rules/grpo.smk"
+include: "rules/eval.smk"
 
 
 rule all:

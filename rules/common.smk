@@ -35,7 +35,7 @@ def code_digest(*relative_paths):
             os.path.join(root, f)
             for root, _, names in os.walk(path)
             for f in names
-            if f.endswith(".py")
+            if f.endswith((".py", ".yaml"))
         ) if os.path.isdir(path) else [path]
         for file in files:
             with open(file, "rb") as handle:
@@ -50,7 +50,29 @@ def final_targets():
         "results/prm/metrics.json",
         "results/sft/metrics.json",
         *grpo_targets(config["grpo"]["variants"]),
+        "results/eval/skipped.json",
     ]
+
+
+def eval_models():
+    """base, sft and every GRPO variant the default target trains (or config eval.models)."""
+    return config["eval"]["models"] or ["base", "sft", *[f"grpo_{v}" for v in config["grpo"]["variants"]]]
+
+
+def evaluation_targets():
+    return [f"results/eval/{m}/{b}.json" for m in eval_models() for b in config["eval"]["benchmarks"]]
+
+
+def benchmark_files(wildcards):
+    """The benchmark's local files when present, so that a changed file reruns its evaluations."""
+    from balancedbio.evaluation import BENCHMARKS
+
+    bench = BENCHMARKS[wildcards.benchmark]
+    root = config["benchmarks_dir"]
+    if not root:
+        return []
+    names = [n for n in (bench.test_file, bench.dev_file) if n]
+    return [p for p in (os.path.join(root, n) for n in names) if os.path.isfile(p)]
 
 
 def grpo_targets(variants):

@@ -1,0 +1,50 @@
+# Stage 6: every model of the run on every benchmark, through the lm-eval harness.
+
+
+wildcard_constraints:
+    model="base|sft|grpo_[a-z0-9_]+",
+    benchmark="mmlu_med|medqa|cmexam|ifeval|kg_mcq",
+
+
+rule evaluate:
+    input:
+        model="results/models/{model}",
+        # kg_mcq reads the held-out synthetic split; the public benchmarks are read by path
+        # (a missing one is recorded as skipped, not a missing input).
+        kg_test=rules.kg_synth.output.mcq_test,
+        benchmark=benchmark_files,
+    output:
+        result="results/eval/{model}/{benchmark}.json",
+        predictions="results/eval/{model}/{benchmark}.items.jsonl",
+    params:
+        settings=config["eval"],
+        benchmarks_dir=config["benchmarks_dir"],
+        seed=config["seed"],
+        trust_remote_code=config["model"]["trust_remote_code"],
+        code=code_digest("evaluation.py", "eval_tasks", "answers.py", "models.py"),
+    log:
+        "logs/evaluate/{model}_{benchmark}.log",
+    benchmark:
+        "benchmarks/evaluate/{model}_{benchmark}.tsv"
+    threads: rule_resources("evaluate")["cpus_per_task"]
+    resources:
+        **rule_resources("evaluate"),
+    conda:
+        "../envs/balancedbio.yaml"
+    script:
+        "../workflow/scripts/evaluate.py"
+
+
+rule eval_skipped:
+    input:
+        evaluation_targets(),
+    output:
+        "results/eval/skipped.json",
+    log:
+        "logs/eval_skipped.log",
+    benchmark:
+        "benchmarks/eval_skipped.tsv"
+    conda:
+        "../envs/balancedbio.yaml"
+    script:
+        "../workflow/scripts/eval_skipped.py"

@@ -1,0 +1,113 @@
+"""Document processing and scoring for BalancedBio's lm-eval tasks (the YAMLs beside this file).
+
+Every multiple-choice benchmark is normalised to one schema, whatever its source (the local
+JSONL layout of ``benchmarks_dir`` or the public hub dataset): ``question``, ``options``
+(letter -> text, A-D or A-E), ``answer`` (letter), ``subject``.
+"""
+
+from __future__ import annotations
+
+import re
+
+LETTERS = "ABCDE"
+MMLU_SUBJECTS = ("anatomy", "clinical_knowledge", "professional_medicine", "medical_genetics",
+                 "college_medicine", "college_biology")
+
+
+def _letter(answer, n_options: int) -> str:
+    if isinstance(answer, int) or (isinstance(answer, str) and answer.strip().isdigit()):
+        return LETTERS[int(answer)]
+    letter = str(answer).strip().upper()[:1]
+    if letter not in LETTERS[:n_options]:
+        raise ValueError(f"answer {answer!r} is not one of {LETTERS[:n_options]}")
+    return letter
+
+
+def _options(doc: dict) -> dict:
+    options = doc.get("options") or doc.get("Options")
+    if isinstance(options, dict):
+        return {k: str(v) for k, v in sorted(options.items()) if v not in (None, "")}
+    if isinstance(options, str):  # "A text\nB text ..." (CMExam hub layout)
+        parsed = {}
+        for line in options.splitlines():
+            match = re.match(r"\s*([A-E])[\s.、:：)]+(.*)", line)
+            if match:
+                parsed[match.group(1)] = match.group(2).strip()
+        return parsed
+    choices = doc.get("choices")
+    if isinstance(choices, list):
+        return {LETTERS[i]: str(c) for i, c in enumerate(choices)}
+    raise ValueError(f"no options in document with keys {sorted(doc)}")
+
+
+def normalize(doc: dict) -> dict:
+    options = _options(doc)
+    answer = doc.get("answer_idx", doc.get("answer", doc.get("Answer")))
+    return {"question": str(doc.get("question", doc.get("Question", ""))).strip(), "options": options,
+            "answer": _letter(answer, len(options)), "subject": doc.get("subject", ""),
+            "id": str(doc.get("id", doc.get("key", "")))}
+
+
+def process_mcq(dataset):
+    return dataset.map(normalize, remove_columns=[c for c in dataset.column_names if c != "id"])
+
+
+def _mmlu_subject(subject: str):
+    def process(dataset):
+        if "subject" in dataset.column_names:  # the local file holds all six subjects
+            dataset = dataset.filter(lambda doc: doc["subject"] == subject)
+        return process_mcq(dataset)
+
+    return process
+
+
+process_mmlu_anatomy = _mmlu_subject("anatomy")
+process_mmlu_clinical_knowledge = _mmlu_subject("clinical_knowledge")
+process_mmlu_professional_medicine = _mmlu_subject("professional_medicine")
+process_mmlu_medical_genetics = _mmlu_subject("medical_genetics")
+process_mmlu_college_medicine = _mmlu_subject("college_medicine")
+process_mmlu_college_biology = _mmlu_subject("college_biology")
+
+
+def doc_to_text(doc: dict) -> str:
+    lines = [doc["question"]] + [f"{k}. {v}" for k, v in doc["options"].items()]
+    return "\n".join(lines) + "\nAnswer:"
+
+
+def doc_to_choice(doc: dict) -> list[str]:
+    return list(doc["options"])
+
+
+def doc_to_target(doc: dict) -> int:
+    return list(doc["options"]).index(doc["answer"])
+
+
+def doc_to_text_cot(doc: dict) -> str:
+    """Generative chain-of-thought: the same instruction the GRPO prompts carry."""
+    from balancedbio.data.formatting import format_mcq_prompt
+
+    return format_mcq_prompt(doc["question"], doc["options"])
+
+
+def process_results_cot(doc: dict, results: list[str]) -> dict:
+    """Parse the answer letter with the extractor the accuracy reward uses."""
+    from balancedbio.answers import extract_choice
+
+    extraction = extract_choice(results[0], doc["options"])
+    return {"acc": float(extraction.letter == doc["answer"])}
+
+
+# IFEval: lm-eval's own scoring (strict and loose, prompt and instruction level).
+def ifeval_process_results(doc, results):
+    from balancedbio.nltk_data import ensure_punkt_tab
+
+    ensure_punkt_tab()
+    from lm_eval.tasks.ifeval.utils import process_results
+
+    return process_results(doc, results)
+
+
+def agg_inst_level_acc(items):
+    from lm_eval.tasks.ifeval.utils import agg_inst_level_acc as aggregate
+
+    return aggregate(items)
