@@ -12,7 +12,7 @@ PYTEST_ARGS    ?=
 
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test dryrun lint clean
+.PHONY: install browser run test dryrun lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,14 @@ install: $(VENV)/.installed
 run: install
 	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG) $(SNAKEMAKE_ARGS)
 
-test: install
+# Debian's chromium for the report's headless-browser test (skipped, with a message, without it).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; }; }; } || \
+	  echo "chromium could not be installed: the report's browser test will be skipped"
+
+test: install browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 dryrun: install

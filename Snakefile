@@ -22,6 +22,7 @@ localrules:
     ablations,
     group_size_sweep,
     eval_skipped,
+    report,
 
 
 include: "rules/common.smk"
@@ -31,6 +32,7 @@ include: "rules/prm.smk"
 include: "rules/sft.smk"
 include: "rules/grpo.smk"
 include: "rules/eval.smk"
+include: "rules/report.smk"
 
 
 rule all:

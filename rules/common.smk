@@ -51,6 +51,7 @@ def final_targets():
         "results/sft/metrics.json",
         *grpo_targets(config["grpo"]["variants"]),
         "results/eval/skipped.json",
+        "results/report/report.html",
     ]
 
 
@@ -103,3 +104,19 @@ def benchmark_test_files(wildcards):
         return []
     names = config["decontamination"]["benchmarks"]
     return [p for p in (os.path.join(root, n, "test.jsonl") for n in names) if os.path.isfile(p)]
+
+
+def trained_variants():
+    """GRPO variants of the config plus any trained earlier (ablations, sweep) that are on disk."""
+    on_disk = [d[len("grpo_"):] for d in sorted(os.listdir("results/models"))
+               if d.startswith("grpo_")] if os.path.isdir("results/models") else []
+    return list(dict.fromkeys([*config["grpo"]["variants"], *on_disk]))
+
+
+def report_evaluations(wildcards):
+    models = list(dict.fromkeys([*eval_models(), *[f"grpo_{v}" for v in trained_variants()]]))
+    return [f"results/eval/{m}/{b}.json" for m in models for b in config["eval"]["benchmarks"]]
+
+
+def report_dynamics(wildcards):
+    return grpo_targets(trained_variants())

@@ -96,3 +96,18 @@ def test_killed_grpo_resumes_from_its_last_checkpoint(smoke_workdir, smoke_confi
     summary = json.loads((out / "balancedbio_training.json").read_text())
     assert summary["global_step"] == 4 and summary["resumed_from"] == str(saved.parent)
     assert not checkpoints.exists()
+
+
+def test_smoke_run_evaluates_each_model_on_each_benchmark(smoke_workdir):
+    for model in ("base", "grpo_full"):
+        for benchmark in ("mmlu_med", "ifeval", "kg_mcq"):
+            result = json.loads((smoke_workdir / "results" / "eval" / model / f"{benchmark}.json").read_text())
+            assert result["status"] in {"ok", "skipped"}
+            if result["status"] == "ok":
+                assert result["n"] > 0 and result["metrics"]
+                items = (smoke_workdir / "results" / "eval" / model / f"{benchmark}.items.jsonl").read_text()
+                assert len(items.splitlines()) == result["n"]
+    kg = json.loads((smoke_workdir / "results" / "eval" / "base" / "kg_mcq.json").read_text())
+    assert kg["status"] == "ok" and kg["n"] == 6
+    skipped = json.loads((smoke_workdir / "results" / "eval" / "skipped.json").read_text())
+    assert isinstance(skipped, list)

@@ -1,0 +1,123 @@
+"""Benchmark evaluation through lm-eval: task loading, subsets, scoring, skips, IFEval metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import SHARED_BENCHMARKS
+
+from balancedbio.evaluation import (BENCHMARKS, MMLU_SUBJECTS, build_tasks, evaluate_benchmark, locate,
+                                    subset_indices, task_specs)
+
+needs_benchmarks = pytest.mark.skipif(not (SHARED_BENCHMARKS / "mmlu_med" / "test.jsonl").is_file(),
+                                      reason=f"benchmark files not found under {SHARED_BENCHMARKS}")
+SETTINGS = {"batch_size": 4, "max_length": 2048, "dtype": "float32", "apply_chat_template": True,
+            "mode": "loglikelihood", "ifeval_max_tokens": 16, "cot_max_tokens": 16, "limit": {}, "num_fewshot": {}}
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _task_manager():
+    from lm_eval.tasks import TaskManager
+
+    from balancedbio.evaluation import TASK_DIR
+
+    return TaskManager(include_path=str(TASK_DIR))
+
+
+@needs_benchmarks
+@pytest.mark.parametrize("name", ["mmlu_med", "medqa", "cmexam", "ifeval"])
+def test_each_task_loads_the_local_files_with_the_right_row_count(name):
+    benchmark = BENCHMARKS[name]
+    source = locate(benchmark, str(SHARED_BENCHMARKS))
+    assert source["kind"] == "local"
+    tasks = build_tasks(_task_manager(), task_specs(benchmark, source, SETTINGS))
+    rows = _lines(SHARED_BENCHMARKS / benchmark.test_file)
+    counts = {task.config.task: len(list(task.eval_docs)) for task in tasks}
+    if name == "mmlu_med":
+        assert counts == {f"bb_mmlu_med_{s}": sum(r["subject"] == s for r in rows) for s in MMLU_SUBJECTS}
+        anatomy = next(t for t in tasks if t.config.task == "bb_mmlu_med_anatomy")
+        assert len(list(anatomy.fewshot_docs())) == 5  # the dev split, one subject's share
+    else:
+        assert list(counts.values()) == [len(rows)]
+    if benchmark.kind == "mcq":
+        doc = next(iter(tasks[0].eval_docs))
+        assert set(doc["options"]) <= set("ABCDE") and doc["answer"] in doc["options"]
+        assert tasks[0].doc_to_text(doc).endswith("\nAnswer:")
+        assert tasks[0].doc_to_choice(doc)[tasks[0].doc_to_target(doc)] == doc["answer"]
+
+
+def test_kg_mcq_reads_the_held_out_synthetic_split(tmp_path):
+    test = tmp_path / "mcq_test.jsonl"
+    test.write_text(json.dumps({"id": "kg-1", "question": "Which gene?", "options": {"A": "X", "B": "Y", "C": "Z",
+                                                                                    "D": "W"}, "answer": "C"}) + "\n")
+    source = locate(BENCHMARKS["kg_mcq"], None, str(test))
+    [task] = build_tasks(_task_manager(), task_specs(BENCHMARKS["kg_mcq"], source, SETTINGS))
+    [doc] = list(task.eval_docs)
+    assert doc["answer"] == "C" and task.doc_to_target(doc) == 2
+
+
+def test_subsets_are_seeded_sorted_and_shared_by_every_model():
+    first = subset_indices(100, 10, seed=3)
+    assert first == subset_indices(100, 10, seed=3) == sorted(first) and len(set(first)) == 10
+    assert subset_indices(100, 10, seed=4) != first
+    assert subset_indices(5, 10, seed=3) is None and subset_indices(5, None, seed=3) is None
+
+
+def test_missing_benchmark_is_skipped_with_its_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "medqa.json"
+    result = evaluate_benchmark(model_dir="unused", model_name="base", benchmark_name="medqa",
+                                benchmarks_dir=str(tmp_path), settings=SETTINGS, out_json=str(out),
+                                out_items=str(tmp_path / "medqa.items.jsonl"))
+    written = json.loads(out.read_text())
+    assert written == result and written["status"] == "skipped"
+    assert "medqa/test.jsonl does not exist" in written["reason"]
+    assert "GBaker/MedQA-USMLE-4-options" in written["reason"] and "HF_HUB_OFFLINE" in written["reason"]
+    assert (tmp_path / "medqa.items.jsonl").read_text() == ""
+
+
+@needs_benchmarks
+def test_ifeval_metrics_match_the_verifier_on_hand_written_responses():
+    from balancedbio.eval_tasks.utils import ifeval_process_results
+    from balancedbio.ifeval import follows
+
+    docs = {d["key"]: d for d in _lines(SHARED_BENCHMARKS / "ifeval" / "test.jsonl")}
+    doc = docs[1000]  # no commas, 3 highlighted sections, at least 300 words
+    compliant = " ".join(["*highlighted section part one* Raymond ruled Tripoli and fought at Hattin"] * 3
+                         + ["word"] * 300)
+    broken = "Raymond, count of Tripoli, was a regent."
+    for response in (compliant, broken):
+        metrics = ifeval_process_results(doc, [response])
+        strict = follows(doc["prompt"], doc["instruction_id_list"], doc["kwargs"], response)
+        loose = follows(doc["prompt"], doc["instruction_id_list"], doc["kwargs"], response, loose=True)
+        assert metrics["inst_level_strict_acc"] == strict and metrics["prompt_level_strict_acc"] == all(strict)
+        assert metrics["inst_level_loose_acc"] == loose and metrics["prompt_level_loose_acc"] == all(loose)
+    assert all(ifeval_process_results(doc, [compliant])["inst_level_strict_acc"])
+    assert not any(ifeval_process_results(doc, [broken])["inst_level_strict_acc"])
+
+
+@needs_benchmarks
+@pytest.mark.slow
+def test_scoring_mmlu_items_gives_predictions_consistent_with_the_accuracy(prepared_model_dir, tmp_path):
+    settings = {**SETTINGS, "limit": {"mmlu_med": 2}}
+    out, items_path = tmp_path / "mmlu_med.json", tmp_path / "mmlu_med.items.jsonl"
+    result = evaluate_benchmark(model_dir=str(prepared_model_dir), model_name="base", benchmark_name="mmlu_med",
+                                benchmarks_dir=str(SHARED_BENCHMARKS), settings=settings, out_json=str(out),
+                                out_items=str(items_path), seed=0)
+    items = _lines(items_path)
+    assert result["status"] == "ok" and result["n"] == len(items) == 12
+    for item in items:
+        assert item["predicted"] == max(item["logliks"], key=item["logliks"].get)
+        assert item["correct"] == (item["predicted"] == item["answer"])
+    acc = sum(i["correct"] for i in items) / len(items)
+    assert result["metrics"]["acc"]["value"] == pytest.approx(acc)
+    low, high = result["metrics"]["acc"]["ci95"]
+    assert low <= acc <= high
+    assert {s: v["n"] for s, v in result["per_subject"].items()} == {s: 2 for s in MMLU_SUBJECTS}
+    test_ids = {r["id"] for r in _lines(SHARED_BENCHMARKS / "mmlu_med" / "test.jsonl")}
+    assert {i["id"] for i in items} <= test_ids
