@@ -204,9 +204,45 @@ def test_variants_change_exactly_what_they_name(smoke_config):
 
 def test_launch_prefix_single_and_multi_gpu():
     assert launch_prefix(0, python="python") == "python"
-    assert launch_prefix(1, deepspeed_config="ds.json", python="python") == "python"
+    assert launch_prefix(1, deepspeed_config="ds.json", python="python") == "python -m balancedbio.gpu_slots 1 -- python"
     cmd = launch_prefix(8, deepspeed_config="envs/ds.json", bf16=True, python="python")
-    assert cmd.startswith("python -m accelerate.commands.launch")
+    assert cmd.startswith("python -m balancedbio.gpu_slots 8 -- python -m accelerate.commands.launch")
     assert "--num_processes 8" in cmd and "--use_deepspeed --deepspeed_config_file envs/ds.json" in cmd
     assert "--mixed_precision bf16" in cmd
     assert "--multi_gpu" in launch_prefix(2, python="python")
+
+
+def test_gpu_slots_give_concurrent_jobs_distinct_gpus(tmp_path):
+    from balancedbio.gpu_slots import claim
+
+    first, held_1 = claim(1, total=2, lock_dir=tmp_path)
+    second, held_2 = claim(1, total=2, lock_dir=tmp_path)
+    assert first != second and sorted(first + second) == [0, 1]
+    with pytest.raises(TimeoutError):
+        claim(1, total=2, lock_dir=tmp_path, timeout_s=0.1)
+    for handle in held_1:
+        handle.close()  # the first job ends: its GPU is free again
+    again, held_3 = claim(1, total=2, lock_dir=tmp_path)
+    assert again == first
+    with pytest.raises(RuntimeError, match="asks for 3 GPUs"):
+        claim(3, total=2, lock_dir=tmp_path)
+    for handle in held_2 + held_3:
+        handle.close()
+
+
+def test_gpu_slots_command_exports_cuda_visible_devices(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env.update(BALANCEDBIO_GPU_COUNT="4", BALANCEDBIO_GPU_LOCK_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "balancedbio.gpu_slots", "2", "--", sys.executable, "-c",
+                          "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "0,1"
+    env["CUDA_VISIBLE_DEVICES"] = "5"  # set by SLURM: left alone
+    out = subprocess.run([sys.executable, "-m", "balancedbio.gpu_slots", "1", "--", sys.executable, "-c",
+                          "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert out.stdout.strip() == "5"

@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO, SHARED_BENCHMARKS, run_snakemake
 
 
-@pytest.mark.parametrize("config_name", ["config.yaml", "paper.yaml", "smoke.yaml"])
+@pytest.mark.parametrize("config_name", ["config.yaml", "paper.yaml", "smoke.yaml", "qwen05b.yaml"])
 def test_dry_run_plans_the_full_dag(config_name, tmp_path):
     result = run_snakemake("-n", "--configfile", str(REPO / "config" / config_name), workdir=tmp_path)
     plan = result.stdout + result.stderr
@@ -100,3 +100,21 @@ def test_smoke_run_writes_model_log_and_benchmark_and_is_cached(smoke_workdir, p
     assert "Nothing to be done" in again.stdout + again.stderr
     provenance = json.loads((prepared_model_dir / "balancedbio_model.json").read_text())
     assert provenance["kind"] == "embedded"
+
+
+@pytest.mark.parametrize("name, stage", [("deepspeed_zero2.json", 2), ("deepspeed_zero3_offload.json", 3)])
+def test_deepspeed_configs_are_valid_json_with_offload(name, stage):
+    ds = json.loads((REPO / "envs" / name).read_text())
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == stage and zero["offload_optimizer"]["device"] == "cpu"
+    assert ds["train_micro_batch_size_per_gpu"] == "auto" and ds["bf16"]["enabled"] == "auto"
+    if stage == 3:
+        assert zero["offload_param"]["device"] == "cpu"
+
+
+def test_one_gpu_config_claims_its_gpu_and_skips_deepspeed(tmp_path):
+    result = run_snakemake("-n", "-p", "results/grpo_full/dynamics.jsonl", "--configfile",
+                           str(REPO / "config" / "qwen05b.yaml"), workdir=tmp_path)
+    commands = [line for line in (result.stdout + result.stderr).splitlines() if "-m balancedbio.train" in line]
+    assert commands and all("-m balancedbio.gpu_slots 1 --" in c for c in commands)
+    assert not any("accelerate" in c for c in commands)

@@ -15,9 +15,11 @@ def launch_prefix(gpus: int, *, deepspeed_config: str | None = None, bf16: bool 
     rule works whether or not the virtual environment is activated.
     """
     python = python or sys.executable
+    # GPU jobs first claim their own devices (CUDA_VISIBLE_DEVICES) among concurrently running jobs.
+    slots = [python, "-m", "balancedbio.gpu_slots", str(gpus), "--"] if gpus >= 1 else []
     if gpus <= 1:
-        return shlex.quote(python)
-    parts = [python, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", str(gpus),
+        return shlex.join([*slots, python])
+    parts = [*slots, python, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", str(gpus),
              "--mixed_precision", "bf16" if bf16 else "no"]
     if deepspeed_config:
         parts += ["--use_deepspeed", "--deepspeed_config_file", deepspeed_config]
