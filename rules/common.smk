@@ -108,8 +108,11 @@ def benchmark_test_files(wildcards):
 
 def trained_variants():
     """GRPO variants of the config plus any trained earlier (ablations, sweep) that are on disk."""
-    on_disk = [d[len("grpo_"):] for d in sorted(os.listdir("results/models"))
-               if d.startswith("grpo_")] if os.path.isdir("results/models") else []
+    import re
+
+    pattern = re.compile(r"^grpo_(full|static_weights|no_prm|no_aoc|ppo|dwa|pcgrad|gradvac|g[0-9]+)$")
+    on_disk = [m.group(1) for d in sorted(os.listdir("results/models")) if (m := pattern.match(d))] \
+        if os.path.isdir("results/models") else []
     return list(dict.fromkeys([*config["grpo"]["variants"], *on_disk]))
 
 
