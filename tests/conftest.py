@@ -17,7 +17,7 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
 def run_snakemake(*args: str, workdir: Path | None = None, env: dict | None = None,
-                  check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+                  check: bool = True, timeout: int = 2400) -> subprocess.CompletedProcess:
     """Run Snakemake on the repository's Snakefile, optionally in another working directory."""
     cmd = [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile")]
     if workdir is not None:
