@@ -4,6 +4,8 @@ Every configuration runs on the same model, prompts, G, completion length and se
 suppressed until ``max_completion_length`` tokens (``min_new_tokens``) so every step generates
 exactly the same number of tokens and the timings compare the trainers, not the luck of the
 sampler. The first step (warm-up: PRM load, allocator) is reported but left out of the mean.
+The vanilla baseline is TRL's ``GRPOTrainer`` with only its sampler swapped for the stratified
+one (``StratifiedGRPOTrainer``), so both trainers see the same prompts at every step.
 
     .venv/bin/python bench/grpo_step.py --steps 5            # needs a finished `make run`
     .venv/bin/python bench/grpo_step.py --configs vanilla full
@@ -39,7 +41,7 @@ CONFIGS = {
     "project": (False, {"aoc": {"mode": "project", "projection": "pcgrad"}}),
 }
 DESCRIPTIONS = {
-    "vanilla": "TRL `GRPOTrainer`, same rewards, static weights",
+    "vanilla": "TRL `GRPOTrainer` (same stratified batches), same rewards, static weights",
     "full": "BalancedGRPOTrainer: PID weights + AOC `penalty` (the `full` variant)",
     "pid_only": "PID weights, AOC `off` (the `no_aoc` variant)",
     "monitor": "PID weights, AOC `monitor` (S_cos logged only)",

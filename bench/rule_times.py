@@ -20,9 +20,12 @@ def main() -> None:
     root = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "benchmarks"
     totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
     for path in sorted(root.rglob("*.tsv")):
-        rule = path.parent.name if path.parent != root else path.stem
-        if rule.startswith("grpo_") or path.stem.startswith("grpo_"):
+        if path.parent != root:  # benchmarks/evaluate/{model}_{benchmark}.tsv
+            rule = path.parent.name
+        elif path.stem.startswith("grpo_"):
             rule = f"grpo ({path.stem[len('grpo_'):]})"
+        else:
+            rule = path.stem
         with path.open() as handle:
             row = next(csv.DictReader(handle, delimiter="\t"))
         entry = totals[rule]

@@ -166,7 +166,23 @@ def _select_rows(inputs: dict, mask: torch.Tensor) -> dict:
             else value for key, value in inputs.items()}
 
 
-class BalancedGRPOTrainer(GRPOTrainer):
+class StratifiedGRPOTrainer(GRPOTrainer):
+    """TRL's ``GRPOTrainer`` with batches that interleave the capabilities, nothing else.
+
+    The base of ``BalancedGRPOTrainer``, and on its own the fair "vanilla TRL" baseline of the
+    step-time benchmark (same prompts in every step as the full trainer).
+    """
+
+    def _get_train_sampler(self, dataset=None) -> Sampler:
+        dataset = self.train_dataset if dataset is None else dataset
+        return StratifiedRepeatSampler(
+            dataset["capability"], batch_size=self.args.generation_batch_size // self.num_generations,
+            mini_repeat_count=self.num_generations,
+            repeat_count=self.num_iterations * self.args.steps_per_generation,
+            shuffle=self.shuffle_dataset, seed=self.args.seed)
+
+
+class BalancedGRPOTrainer(StratifiedGRPOTrainer):
     """``GRPOTrainer`` + stratified batches, dynamic reward weights and AOC (see module doc)."""
 
     def __init__(self, *args, weight_controller: WeightController, aoc_config: dict | None = None, **kwargs):
@@ -191,15 +207,6 @@ class BalancedGRPOTrainer(GRPOTrainer):
         self.projector = Projector(self.aoc["projection"], self.aoc["gradvac_beta"]) \
             if self.aoc["mode"] == "project" else None
         self._step_record: dict[str, Any] = {}
-
-    # -- stratified batches ------------------------------------------------------------------
-    def _get_train_sampler(self, dataset=None) -> Sampler:
-        dataset = self.train_dataset if dataset is None else dataset
-        return StratifiedRepeatSampler(
-            dataset["capability"], batch_size=self.args.generation_batch_size // self.num_generations,
-            mini_repeat_count=self.num_generations,
-            repeat_count=self.num_iterations * self.args.steps_per_generation,
-            shuffle=self.shuffle_dataset, seed=self.args.seed)
 
     # -- dynamic weights ---------------------------------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -588,7 +595,7 @@ def save_merged(trainer, tokenizer, out_dir: str, extra_files: dict[str, Any] | 
 def build_trainer(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: str | None, settings: dict,
                   output_dir: str, world_size: int = 1, deepspeed: str | None = None, callbacks: Sequence = (),
                   vanilla: bool = False, generation_kwargs: dict | None = None):
-    """The trainer of one variant (or, with ``vanilla``, TRL's own GRPOTrainer on the same setup)."""
+    """The trainer of one variant (or, with ``vanilla``, TRL's GRPOTrainer on the same setup and batches)."""
     from balancedbio.models import load_causal_lm, load_tokenizer
     from balancedbio.rewards import build_reward_functions
 
@@ -606,7 +613,7 @@ def build_trainer(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: 
                   peft_config=lora_config(settings["training"]) if settings["training"]["use_lora"] else None,
                   callbacks=list(callbacks))
     if vanilla:
-        return GRPOTrainer(**kwargs), tokenizer
+        return StratifiedGRPOTrainer(**kwargs), tokenizer
     kwargs.update(weight_controller=build_weight_controller(settings["weights"], [f.name for f in reward_funcs]),
                   aoc_config=settings["aoc"])
     if settings["advantage"] == "critic":
