@@ -121,3 +121,16 @@ def test_scoring_mmlu_items_gives_predictions_consistent_with_the_accuracy(prepa
     assert {s: v["n"] for s, v in result["per_subject"].items()} == {s: 2 for s in MMLU_SUBJECTS}
     test_ids = {r["id"] for r in _lines(SHARED_BENCHMARKS / "mmlu_med" / "test.jsonl")}
     assert {i["id"] for i in items} <= test_ids
+
+
+def test_vllm_backend_says_what_is_missing_on_a_machine_without_it():
+    import importlib.util
+
+    from balancedbio.evaluation import language_model
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    with pytest.raises(RuntimeError, match=r"eval.backend: vllm needs the vllm package"):
+        language_model("unused", {**SETTINGS, "backend": "vllm"})
+    with pytest.raises(ValueError, match="unknown eval.backend"):
+        language_model("unused", {**SETTINGS, "backend": "tgi"})

@@ -118,3 +118,16 @@ def test_one_gpu_config_claims_its_gpu_and_skips_deepspeed(tmp_path):
     commands = [line for line in (result.stdout + result.stderr).splitlines() if "-m balancedbio.train" in line]
     assert commands and all("-m balancedbio.gpu_slots 1 --" in c for c in commands)
     assert not any("accelerate" in c for c in commands)
+
+
+def test_slurm_profile_gives_training_8_gpus_on_the_gpu_partition(tmp_path):
+    result = run_snakemake("-n", "results/grpo_full/dynamics.jsonl", "--configfile", str(REPO / "config" / "paper.yaml"),
+                           "--profile", str(REPO / "profiles" / "slurm"), workdir=tmp_path)
+    plan = result.stdout + result.stderr
+    for rule in ("sft", "grpo"):
+        block = plan[plan.index(f"rule {rule}:"):]
+        block = block[: block.index("\n\n")] if "\n\n" in block else block
+        assert "gpu=8" in block and "slurm_partition=gpu" in block and "runtime=" in block
+    prm = plan[plan.index("rule train_prm:"):]
+    prm = prm[: prm.index("\n\n")] if "\n\n" in prm else prm
+    assert "gpu=1" in prm and "slurm_partition=gpu" in prm

@@ -181,6 +181,30 @@ def _item_rows(task: str, samples: list[dict], kind: str) -> list[dict]:
     return rows
 
 
+def language_model(model_dir: str, settings: dict, trust_remote_code: bool = False):
+    """lm-eval's model wrapper: ``hf`` (transformers, any device) or ``vllm`` (CUDA, the gpu extra)."""
+    backend = settings.get("backend", "hf")
+    if backend == "vllm":
+        try:
+            from lm_eval.models.vllm_causallms import VLLM
+        except ImportError as err:  # vllm is in the `gpu` extra and needs CUDA
+            raise RuntimeError(f"eval.backend: vllm needs the vllm package (pip install -e '.[gpu]'): {err}") from None
+        return VLLM(pretrained=model_dir, dtype=settings["dtype"], batch_size="auto",
+                    max_length=settings["max_length"], trust_remote_code=trust_remote_code,
+                    gpu_memory_utilization=settings.get("vllm_gpu_memory_utilization", 0.8))
+    if backend != "hf":
+        raise ValueError(f"unknown eval.backend {backend!r}: expected hf or vllm")
+    from lm_eval.models.huggingface import HFLM
+
+    from balancedbio.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(model_dir, dtype=settings["dtype"], trust_remote_code=trust_remote_code)
+    model.eval()  # weights loaded as safetensors by our loader, then handed to lm-eval
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings["batch_size"],
+                max_length=settings["max_length"], trust_remote_code=trust_remote_code)
+
+
 def evaluate_benchmark(*, model_dir: str, model_name: str, benchmark_name: str, benchmarks_dir: str | None,
                        settings: dict, out_json: str, out_items: str, kg_test_file: str | None = None,
                        seed: int = 0, trust_remote_code: bool = False) -> dict:
@@ -196,18 +220,12 @@ def evaluate_benchmark(*, model_dir: str, model_name: str, benchmark_name: str, 
         return result
 
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from balancedbio.models import load_causal_lm, load_tokenizer
     from balancedbio.nltk_data import ensure_punkt_tab
 
     ensure_punkt_tab()
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-    model = load_causal_lm(model_dir, dtype=settings["dtype"], trust_remote_code=trust_remote_code)
-    model.eval()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings["batch_size"],
-              max_length=settings["max_length"], trust_remote_code=trust_remote_code)
+    lm = language_model(model_dir, settings, trust_remote_code)
     specs = task_specs(benchmark, source, settings)
     limit = (settings.get("limit") or {}).get(benchmark_name)
     samples = None
