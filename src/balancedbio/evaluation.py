@@ -151,7 +151,7 @@ def build_tasks(task_manager, specs: list[dict]) -> list:
     return tasks
 
 
-def _ci95(p: float, n: int) -> list[float]:
+def wilson_interval(p: float, n: int) -> list[float]:
     """Wilson score interval for a proportion (well-behaved at 0 and 1, unlike p +- 1.96 se)."""
     if n == 0:
         return [math.nan, math.nan]
@@ -261,16 +261,16 @@ def evaluate_benchmark(*, model_dir: str, model_name: str, benchmark_name: str, 
     if benchmark.kind == "ifeval":
         task = per_task[benchmark.tasks[0]]
         n_instructions = sum(len(i["instruction_id_list"]) for i in items)
-        metrics = {m: {"value": task[m], "ci95": _ci95(task[m], n_instructions if m.startswith("inst") else n_total)}
+        metrics = {m: {"value": task[m], "ci95": wilson_interval(task[m], n_instructions if m.startswith("inst") else n_total)}
                    for m in IFEVAL_METRICS}
         metrics["n_instructions"] = n_instructions
     else:  # micro-average over questions (MMLU: over the six subjects)
         correct = sum(1 for i in items if i["correct"])
         acc = correct / n_total if n_total else math.nan
-        metrics = {"acc": {"value": acc, "ci95": _ci95(acc, n_total)}}
+        metrics = {"acc": {"value": acc, "ci95": wilson_interval(acc, n_total)}}
     result = {
         "benchmark": benchmark_name, "model": model_name, "status": "ok", "n": n_total, "metrics": metrics,
-        "per_subject": ({t.replace("bb_mmlu_med_", ""): {"n": v["n"], "acc": v["acc"], "ci95": _ci95(v["acc"], v["n"])}
+        "per_subject": ({t.replace("bb_mmlu_med_", ""): {"n": v["n"], "acc": v["acc"], "ci95": wilson_interval(v["acc"], v["n"])}
                          for t, v in per_task.items()} if benchmark_name == "mmlu_med" else None),
         "source": source, "num_fewshot": shots, "mode": "ifeval" if benchmark.kind == "ifeval" else settings["mode"],
         "limit": limit, "seconds": round(time.perf_counter() - started, 1),

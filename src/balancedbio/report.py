@@ -18,6 +18,9 @@ import random
 from pathlib import Path
 from typing import Any
 
+from balancedbio.evaluation import wilson_interval
+from balancedbio.io import read_jsonl
+
 log = logging.getLogger(__name__)
 
 MEDICAL = ("mmlu_med", "medqa", "cmexam")  # "BIOMED overall": the public medical benchmarks, pooled
@@ -27,9 +30,7 @@ BOOTSTRAP = 2000
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return list(read_jsonl(path)) if path.exists() else []
 
 
 def load_results(eval_dir: Path) -> dict[str, dict[str, dict]]:
@@ -241,8 +242,8 @@ def make_figures(dynamics: dict[str, list[dict]], results: dict, fig_dir: Path) 
             if not med or not gen:
                 continue
             x, y = pooled(med), pooled(gen)
-            ax.errorbar(x, y, xerr=[[x - _wilson(x, len(med))[0]], [_wilson(x, len(med))[1] - x]],
-                        yerr=[[y - _wilson(y, len(gen))[0]], [_wilson(y, len(gen))[1] - y]], fmt="o", capsize=3)
+            (x_low, x_high), (y_low, y_high) = wilson_interval(x, len(med)), wilson_interval(y, len(gen))
+            ax.errorbar(x, y, xerr=[[x - x_low], [x_high - x]], yerr=[[y - y_low], [y_high - y]], fmt="o", capsize=3)
             ax.annotate(model, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
         ax.set_xlabel("BIOMED accuracy (MMLU-med + MedQA + CMExam, pooled)")
         ax.set_ylabel("IFEval prompt-level strict accuracy")
@@ -273,13 +274,6 @@ def make_figures(dynamics: dict[str, list[dict]], results: dict, fig_dir: Path) 
         _plot(fig_dir / "group_size.png", draw_sweep)
         figures["group_size"] = "Accuracy against the GRPO group size G."
     return figures
-
-
-def _wilson(p: float, n: int) -> tuple[float, float]:
-    z = 1.959964
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 # -- the report ------------------------------------------------------------------------------
@@ -374,7 +368,7 @@ def build_report(*, eval_dir: str, results_dir: str, out_dir: str, prm_metrics: 
         med = _medical_items(results, model)
         if med:
             p = pooled(med)
-            low, high = _wilson(p, len(med))
+            low, high = wilson_interval(p, len(med))
             table3.append({"model": model, "benchmark": "biomed_overall", "metric": "acc", "value": p, "n": len(med),
                            "ci_low": low, "ci_high": high})
     prm = json.loads(Path(prm_metrics).read_text()) if prm_metrics and Path(prm_metrics).exists() else None
