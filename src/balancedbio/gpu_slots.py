@@ -29,16 +29,24 @@ def visible_gpu_count() -> int:
     return sum(line.startswith("GPU ") for line in listing.stdout.splitlines()) if listing.returncode == 0 else 0
 
 
-def claim_in_process(n: int) -> list:
-    """For jobs run in-process (Snakemake ``script:``): claim before anything touches CUDA."""
-    if n <= 0 or "CUDA_VISIBLE_DEVICES" in os.environ:
+def claim_into(env, n: int) -> list:
+    """Claim ``n`` GPUs and set ``CUDA_VISIBLE_DEVICES`` in ``env``; a no-op on CPU or under SLURM.
+
+    Returns the open lock files: the GPUs stay claimed while they are open.
+    """
+    if n <= 0 or "CUDA_VISIBLE_DEVICES" in env:
         return []
-    total = int(os.environ.get("BALANCEDBIO_GPU_COUNT", visible_gpu_count()))
+    total = int(env.get("BALANCEDBIO_GPU_COUNT", visible_gpu_count()))
     if not total:
         return []
     gpus, handles = claim(n, total)
-    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     return handles
+
+
+def claim_in_process(n: int) -> list:
+    """For jobs run in-process (Snakemake ``script:``): claim before anything touches CUDA."""
+    return claim_into(os.environ, n)
 
 
 def claim(n: int, total: int, lock_dir: Path = LOCK_DIR, timeout_s: float = 3600.0) -> tuple[list[int], list]:
@@ -73,13 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     n, command = int(argv[0]), argv[2:]
     env = dict(os.environ)
-    handles: list = []
-    if n > 0 and "CUDA_VISIBLE_DEVICES" not in env:
-        total = int(env.get("BALANCEDBIO_GPU_COUNT", visible_gpu_count()))
-        if total:
-            gpus, handles = claim(n, total)
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
-            print(f"gpu_slots: running on GPU(s) {env['CUDA_VISIBLE_DEVICES']}", file=sys.stderr)
+    handles = claim_into(env, n)
+    if handles:
+        print(f"gpu_slots: running on GPU(s) {env['CUDA_VISIBLE_DEVICES']}", file=sys.stderr)
     try:
         return subprocess.call(command, env=env)
     finally:
