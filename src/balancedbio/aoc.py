@@ -46,15 +46,20 @@ def gramian(g_r: Gradients, g_i: Gradients) -> torch.Tensor:
     return torch.stack([torch.stack([rr, ri]), torch.stack([ri, ii])])
 
 
-def gradient_cosine(g_r: Gradients, g_i: Gradients, eps: float = 1e-8) -> torch.Tensor:
-    """Eq. 5; differentiable when the gradients were built with ``create_graph=True``."""
-    norm_r, norm_i = _dot(g_r, g_r).sqrt(), _dot(g_i, g_i).sqrt()
+def cosine_from_gramian(gram: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Eq. 5 from the 2x2 Gramian [[|g_R|^2, g_R.g_I], [g_R.g_I, |g_I|^2]]; NaN if a gradient is 0."""
+    norm_r, norm_i = gram[0, 0].sqrt(), gram[1, 1].sqrt()
     if float(norm_r.detach()) == 0.0 or float(norm_i.detach()) == 0.0:
         return torch.tensor(math.nan)
-    return _dot(g_r, g_i) / (norm_r * norm_i + eps)
+    return gram[0, 1] / (norm_r * norm_i + eps)
 
 
-def cosine_gradient_directions(g_r: Gradients, g_i: Gradients, cosine: float
+def gradient_cosine(g_r: Gradients, g_i: Gradients, eps: float = 1e-8) -> torch.Tensor:
+    """Eq. 5; differentiable when the gradients were built with ``create_graph=True``."""
+    return cosine_from_gramian(gramian(g_r, g_i), eps)
+
+
+def cosine_gradient_directions(g_r: Gradients, g_i: Gradients, cosine: float, gram: torch.Tensor | None = None
                                ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
     """(v_R, v_I) with grad_theta S_cos = H_R v_R + H_I v_I (H_* the Hessians of the two losses).
 
@@ -62,7 +67,8 @@ def cosine_gradient_directions(g_r: Gradients, g_i: Gradients, cosine: float
     and dg_R/dtheta = H_R. Two Hessian-vector products then give the penalty's exact gradient
     direction; ``finite_difference`` mode approximates them with one extra gradient each.
     """
-    norm_r, norm_i = float(_dot(g_r, g_r).sqrt()), float(_dot(g_i, g_i).sqrt())
+    gram = gramian(g_r, g_i) if gram is None else gram
+    norm_r, norm_i = float(gram[0, 0].detach().sqrt()), float(gram[1, 1].detach().sqrt())
     v_r, v_i = [], []
     for a, b in zip(g_r, g_i):
         if a is None and b is None:
@@ -110,13 +116,19 @@ class Projector:
             raise ValueError(f"unknown projection {method!r}: expected pcgrad or gradvac")
         self.method = method
 
-    def combination(self, g_r: Gradients, g_i: Gradients) -> tuple[float, float]:
-        weighting = self.aggregator.gramian_weighting
-        coefficients = weighting(gramian(g_r, g_i).double())
+    def combination(self, g_r: Gradients, g_i: Gradients, gram: torch.Tensor | None = None) -> tuple[float, float]:
+        gram = gramian(g_r, g_i) if gram is None else gram
+        coefficients = self.aggregator.gramian_weighting(gram.detach().double())
         return float(coefficients[0]), float(coefficients[1])
 
-    def combine(self, g_r: Gradients, g_i: Gradients) -> list[torch.Tensor | None]:
-        a, b = self.combination(g_r, g_i)
+    def combine(self, g_r: Gradients, g_i: Gradients, gram: torch.Tensor | None = None
+                ) -> list[torch.Tensor | None]:
+        return self.apply(self.combination(g_r, g_i, gram), g_r, g_i)
+
+    @staticmethod
+    def apply(coefficients: tuple[float, float], g_r: Gradients, g_i: Gradients) -> list[torch.Tensor | None]:
+        """a g_R + b g_I, parameter by parameter."""
+        a, b = coefficients
         out = []
         for x, y in zip(g_r, g_i):
             if x is None and y is None:

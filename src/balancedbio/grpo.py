@@ -44,8 +44,8 @@ from torch.utils.data import Sampler
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from balancedbio.aoc import (Projector, cosine_gradient_directions, dynamic_lambda, gradient_cosine,
-                             orthogonality_penalty)
+from balancedbio.aoc import (Projector, cosine_from_gramian, cosine_gradient_directions, dynamic_lambda,
+                             gramian, orthogonality_penalty)
 from balancedbio.weights import WeightController, build_weight_controller
 
 log = logging.getLogger(__name__)
@@ -291,9 +291,9 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
             self._metrics = saved_metrics
         return list(grads)
 
-    def _penalty_gradient_fd(self, model, params, grads_r, grads_i, cosine: float) -> list:
+    def _penalty_gradient_fd(self, model, params, grads_r, grads_i, cosine: float, gram: torch.Tensor) -> list:
         """grad of S_cos^2 = 2 S (H_R v_R + H_I v_I), each H v by a forward difference of gradients."""
-        v_r, v_i = cosine_gradient_directions(grads_r, grads_i, cosine)
+        v_r, v_i = cosine_gradient_directions(grads_r, grads_i, cosine, gram)
         theta_norm = math.sqrt(sum(float(p.detach().float().pow(2).sum()) for p in params))
         total = [None] * len(params)
         for index, (direction, base) in enumerate(((v_r, grads_r), (v_i, grads_i))):
@@ -375,13 +375,12 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
                                       allow_unused=True)
         grads_i = torch.autograd.grad(loss_i, params, retain_graph=keep_graph, create_graph=differentiable,
                                       allow_unused=True)
-        cosine = gradient_cosine(grads_r, grads_i, self.aoc["eps"])
-        with torch.no_grad():
-            norm_r = math.sqrt(sum(float((g.float() ** 2).sum()) for g in grads_r if g is not None))
-            norm_i = math.sqrt(sum(float((g.float() ** 2).sum()) for g in grads_i if g is not None))
-            policy_norm = math.sqrt(sum(float(((a if a is not None else 0) + (b if b is not None else 0))
-                                              .float().pow(2).sum()) for a, b in zip(grads_r, grads_i)
-                                        if a is not None or b is not None))
+        # One pass over the gradients: the Gramian gives S_cos, both norms and |g_R + g_I|.
+        gram = gramian(grads_r, grads_i)
+        cosine = cosine_from_gramian(gram, self.aoc["eps"])
+        rr, ri, ii = (float(gram[0, 0].detach()), float(gram[0, 1].detach()), float(gram[1, 1].detach()))
+        norm_r, norm_i = math.sqrt(rr), math.sqrt(ii)
+        policy_norm = math.sqrt(max(rr + ii + 2 * ri, 0.0))
         # A capability whose groups all had zero reward variance has all-zero advantages: its policy
         # gradient is zero up to the KL term's rounding, so the cosine means nothing there.
         is_medical, advantages = inputs["is_medical"], inputs["advantages"]
@@ -399,7 +398,7 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
                                                      allow_unused=True)
                 else:
                     grads_unit = self._penalty_gradient_fd(model, params, grads_r, grads_i,
-                                                           float(cosine.detach()))
+                                                           float(cosine.detach()), gram)
                 unit_norm = math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads_unit if g is not None))
                 lam = (dynamic_lambda(self.aoc["lambda"], policy_norm, unit_norm)
                        if self.aoc["lambda_scaling"] == "gradient_norm" else self.aoc["lambda"])
@@ -420,9 +419,11 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
             return (total.detach() if penalty is None else (loss_r + loss_i).detach() + penalty.detach())
 
         if mode == "project" and not math.isnan(float(cosine.detach())):
-            combined = self.projector.combine([g.detach() if g is not None else None for g in grads_r],
-                                              [g.detach() if g is not None else None for g in grads_i])
-            record["projection_weights"] = list(self.projector.combination(grads_r, grads_i))
+            # One weighting call per step: GradVac's EMA target must advance once, not twice.
+            coefficients = self.projector.combination(grads_r, grads_i, gram)
+            combined = self.projector.apply(coefficients, [g.detach() if g is not None else None for g in grads_r],
+                                            [g.detach() if g is not None else None for g in grads_i])
+            record["projection_weights"] = list(coefficients)
         else:
             combined = [None if a is None and b is None else
                         (a.detach() if a is not None else 0) + (b.detach() if b is not None else 0)
