@@ -7,8 +7,11 @@ sampler. The first step (warm-up: PRM load, allocator) is reported but left out 
 The vanilla baseline is TRL's ``GRPOTrainer`` with only its sampler swapped for the stratified
 one (``StratifiedGRPOTrainer``), so both trainers see the same prompts at every step.
 
-    .venv/bin/python bench/grpo_step.py --steps 5            # needs a finished `make run`
-    .venv/bin/python bench/grpo_step.py --configs vanilla full
+    .venv/bin/python bench/grpo_step.py                       # needs a finished `make run`
+    .venv/bin/python bench/grpo_step.py --configs vanilla full --rounds 3 --steps 5
+
+Each run is its own process (peak RSS from getrusage); runs are interleaved round by round
+(vanilla, full, ..., vanilla, full, ...) and the ratio to vanilla is taken per round.
 
 Writes bench/results/grpo_step.json and a markdown table (bench/results/grpo_step.md).
 """
@@ -16,9 +19,10 @@ Writes bench/results/grpo_step.json and a markdown table (bench/results/grpo_ste
 from __future__ import annotations
 
 import argparse
-import gc
+import resource
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,13 +64,41 @@ class StepTimer(TrainerCallback):
         self.seconds.append(time.perf_counter() - self.started)
 
 
+# Where a step's time goes: TRL methods wrapped with a stopwatch (nested phases are subtracted
+# in the table: "loss + backward" = training_step - generate-and-score).
+PHASES = {
+    "generate": "_generate",
+    "rewards": "_calculate_rewards",
+    "generate_and_score": "_generate_and_score_completions",
+    "training_step": "training_step",
+}
+
+
+def _time_phases(trainer) -> dict[str, list[float]]:
+    spent: dict[str, list[float]] = {phase: [] for phase in PHASES}
+    for phase, method in PHASES.items():
+        original = getattr(trainer, method)
+
+        def timed(*args, _original=original, _phase=phase, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                spent[_phase].append(time.perf_counter() - start)
+
+        setattr(trainer, method, timed)
+    return spent
+
+
 def _merge(settings: dict, changes: dict) -> dict:
     for key, value in changes.items():
         settings[key] = {**settings[key], **value} if isinstance(value, dict) else value
     return settings
 
 
-def run(name: str, config: dict, steps: int, results: Path) -> dict:
+def worker(name: str, config_path: str, steps: int, results: Path) -> dict:
+    """One configuration, in its own process (so its peak RSS is its own)."""
+    config = load_config(config_path, base_dir=REPO)
     vanilla, changes = CONFIGS[name]
     settings = _merge(variant_settings(config, "full"), changes)
     settings["grpo"].update(max_steps=steps, save_steps=10 ** 6)
@@ -77,32 +109,82 @@ def run(name: str, config: dict, steps: int, results: Path) -> dict:
             prompts_path=str(results / "data" / "clean" / "prompts.jsonl"), prm_dir=str(results / "models" / "prm"),
             settings=settings, output_dir=tmp, callbacks=[timer], vanilla=vanilla,
             generation_kwargs={"min_new_tokens": settings["grpo"]["max_completion_length"]})
+        phases = _time_phases(trainer)
         trainer.train()
-    del trainer
-    gc.collect()
-    measured = timer.seconds[1:] or timer.seconds
-    return {"config": name, "description": DESCRIPTIONS[name], "step_seconds": timer.seconds,
-            "mean_s": statistics.mean(measured), "median_s": statistics.median(measured)}
+    return {"config": name, "step_seconds": timer.seconds, "phases": phases,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _spread(values: list[float]) -> str:
+    return f"{min(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "config" / "config.yaml"))
     parser.add_argument("--results", default=str(REPO / "results"), help="a finished run's results folder")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=4, help="steps per run (the first is warm-up, not counted)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds: every configuration once per round")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    config = load_config(args.config, base_dir=REPO)
-    rows = [run(name, config, args.steps, Path(args.results)) for name in args.configs]
-    base = next((r["mean_s"] for r in rows if r["config"] == "vanilla"), None)
-    grpo = config["grpo"]
+    if args.worker:
+        Path(args.out).write_text(json.dumps(worker(args.worker, args.config, args.steps, Path(args.results))))
+        return
+
+    runs: dict[str, list[dict]] = {name: [] for name in args.configs}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_index in range(args.rounds):
+            for name in args.configs:  # interleaved, so drift of the machine hits every configuration alike
+                out = Path(tmp) / f"{name}_{round_index}.json"
+                subprocess.run([sys.executable, __file__, "--worker", name, "--out", str(out), "--config", args.config,
+                                "--results", args.results, "--steps", str(args.steps)], check=True)
+                run = json.loads(out.read_text())
+                runs[name].append(run)
+                print(f"round {round_index + 1} {name}: " + ", ".join(f"{s:.1f}" for s in run["step_seconds"])
+                      + f" s/step, peak {run['peak_rss_mb']:.0f} MB", flush=True)
+
+    rows = []
+    for name in args.configs:
+        steps = [s for run in runs[name] for s in run["step_seconds"][1:]]  # first step of each run: warm-up
+        phases = {}
+        for phase in PHASES:
+            values = [v for run in runs[name] for v in run["phases"][phase][1:]]
+            phases[phase] = statistics.median(values) if values else 0.0
+        rows.append({"config": name, "description": DESCRIPTIONS[name], "step_seconds": steps,
+                     "median_s": statistics.median(steps), "min_s": min(steps), "max_s": max(steps),
+                     "phases_median_s": phases, "peak_rss_mb": max(run["peak_rss_mb"] for run in runs[name]),
+                     "runs": runs[name]})
+    base = next((r for r in rows if r["config"] == "vanilla"), None)
+    for r in rows:  # ratio per round: each configuration against the vanilla run of the same round
+        if base:
+            ratios = [statistics.median(run["step_seconds"][1:]) / statistics.median(ref["step_seconds"][1:])
+                      for run, ref in zip(r["runs"], base["runs"])]
+            r["ratio_vs_vanilla"] = {"per_round": ratios, "min": min(ratios), "median": statistics.median(ratios),
+                                     "max": max(ratios), "of_medians": r["median_s"] / base["median_s"]}
+    grpo = load_config(args.config, base_dir=REPO)["grpo"]
     header = (f"G={grpo['num_generations']}, {grpo['prompts_per_step']} prompts/step, "
-              f"{grpo['max_completion_length']} completion tokens, LoRA={config['training']['use_lora']}, "
-              f"{args.steps} steps each (first excluded from the mean)")
-    lines = [header, "", "| configuration | mean s/step | median s/step | vs vanilla TRL |", "|---|---:|---:|---:|"]
+              f"{grpo['max_completion_length']} completion tokens, {args.rounds} interleaved rounds x "
+              f"{args.steps} steps per configuration (the first step of each run is warm-up, not counted)")
+    lines = [header, "",
+             "| configuration | s/step min / median / max | vs vanilla: median of all steps | per-round ratio "
+             "min / median / max | peak RSS (MB) |", "|---|---|---:|---|---:|"]
     for r in rows:
-        ratio = f"{r['mean_s'] / base:.2f}x" if base else "-"
-        lines.append(f"| {r['description']} | {r['mean_s']:.2f} | {r['median_s']:.2f} | {ratio} |")
+        ratio = r.get("ratio_vs_vanilla")
+        lines.append(f"| {r['description']} | {_spread(r['step_seconds'])} | "
+                     f"{ratio['of_medians']:.2f}x | {_spread(ratio['per_round'])} | {r['peak_rss_mb']:,.0f} |"
+                     if ratio else f"| {r['description']} | {_spread(r['step_seconds'])} | - | - | "
+                     f"{r['peak_rss_mb']:,.0f} |")
+    lines += ["", "Median seconds per step by phase (`generate` is inside `generate + score`, which is inside "
+              "`training_step`; the rest of a step is the optimizer and logging):", "",
+              "| configuration | generate | rewards | generate + score | loss + backward (+ AOC) | rest of step |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        p = r["phases_median_s"]
+        lines.append(f"| `{r['config']}` | {p['generate']:.2f} | {p['rewards']:.2f} | {p['generate_and_score']:.2f} | "
+                     f"{p['training_step'] - p['generate_and_score']:.2f} | "
+                     f"{max(0.0, r['median_s'] - p['training_step']):.2f} |")
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "grpo_step.json").write_text(json.dumps({"setup": header, "rows": rows}, indent=2) + "\n")

@@ -22,11 +22,9 @@ def _lines(path):
 
 
 def _task_manager():
-    from lm_eval.tasks import TaskManager
+    from balancedbio.evaluation import shipped_task_manager
 
-    from balancedbio.evaluation import TASK_DIR
-
-    return TaskManager(include_path=str(TASK_DIR))
+    return shipped_task_manager()
 
 
 @needs_benchmarks

@@ -102,6 +102,9 @@ def check_semantics(config: dict[str, Any]) -> None:
     if grpo.get("prompts_per_step", 2) % 2:
         raise ConfigError(f"grpo.prompts_per_step: {grpo['prompts_per_step']} cannot split evenly between the "
                           "medical and the instruction prompts; use an even number.")
+    if grpo.get("use_vllm") and grpo.get("rollout_weights", "policy") != "policy":
+        raise ConfigError(f"grpo.rollout_weights: {grpo['rollout_weights']} selects a transformers sampling copy, "
+                          "but grpo.use_vllm is true and vLLM samples; set rollout_weights: policy.")
 
 
 def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None,

@@ -136,6 +136,17 @@ def task_specs(benchmark: Benchmark, source: dict, settings: dict) -> list[dict]
     return specs
 
 
+def shipped_task_manager():
+    """A TaskManager that indexes only our task folder.
+
+    Indexing lm-eval's thousands of built-in YAMLs costs about 9 s per evaluation job, and nothing
+    needs them: bb_ifeval imports lm-eval's IFEval checker as a module, not as a registered task.
+    """
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(TASK_DIR), include_defaults=False)
+
+
 def build_tasks(task_manager, specs: list[dict]) -> list:
     """Each shipped YAML task with our overrides merged in.
 
@@ -220,7 +231,6 @@ def evaluate_benchmark(*, model_dir: str, model_name: str, benchmark_name: str, 
         return result
 
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     from balancedbio.nltk_data import ensure_punkt_tab
 
@@ -241,7 +251,7 @@ def evaluate_benchmark(*, model_dir: str, model_name: str, benchmark_name: str, 
         log.warning("%s: no dev split next to %s, so 0-shot instead of %d-shot", benchmark_name, source["test"],
                     shots)
         shots = 0
-    task_manager = TaskManager(include_path=str(TASK_DIR))
+    task_manager = shipped_task_manager()
     output = lm_eval.simple_evaluate(
         model=lm, tasks=build_tasks(task_manager, specs), task_manager=task_manager,
         num_fewshot=shots, samples=samples, limit=None if samples is not None or source["kind"] == "local"

@@ -170,8 +170,33 @@ class StratifiedGRPOTrainer(GRPOTrainer):
     """TRL's ``GRPOTrainer`` with batches that interleave the capabilities, nothing else.
 
     The base of ``BalancedGRPOTrainer``, and on its own the fair "vanilla TRL" baseline of the
-    step-time benchmark (same prompts in every step as the full trainer).
+    step-time benchmark (same prompts in every step as the full trainer). ``rollout_weights``
+    other than ``policy`` samples from a merged copy of the policy (``balancedbio.rollout``)
+    instead of the training model; ``policy`` is TRL's behaviour.
     """
+
+    def __init__(self, *args, rollout_weights: str = "policy", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._rollout_copy = None
+        if rollout_weights != "policy":
+            if self.use_vllm:
+                raise ValueError("grpo.rollout_weights applies to transformers generation; with use_vllm, vLLM "
+                                 "samples (set rollout_weights: policy)")
+            from balancedbio.rollout import RolloutCopy
+
+            self._rollout_copy = RolloutCopy(self.accelerator.unwrap_model(self.model), rollout_weights)
+
+    def _generate_single_turn(self, *args, **kwargs):
+        if self._rollout_copy is None or self.use_vllm:
+            return super()._generate_single_turn(*args, **kwargs)
+        # TRL unwraps self.model_wrapped for generation: point it at the copy, synced to this step's policy.
+        self._rollout_copy.sync(self.accelerator.unwrap_model(self.model))
+        wrapped = self.model_wrapped
+        self.model_wrapped = self._rollout_copy.model
+        try:
+            return super()._generate_single_turn(*args, **kwargs)
+        finally:
+            self.model_wrapped = wrapped
 
     def _get_train_sampler(self, dataset=None) -> Sampler:
         dataset = self.train_dataset if dataset is None else dataset
@@ -613,8 +638,9 @@ def build_trainer(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: 
                   processing_class=tokenizer,
                   peft_config=lora_config(settings["training"]) if settings["training"]["use_lora"] else None,
                   callbacks=list(callbacks))
-    if vanilla:
+    if vanilla:  # TRL's own step, sampling from the policy as TRL does
         return StratifiedGRPOTrainer(**kwargs), tokenizer
+    kwargs["rollout_weights"] = settings["grpo"]["rollout_weights"]
     kwargs.update(weight_controller=build_weight_controller(settings["weights"], [f.name for f in reward_funcs]),
                   aoc_config=settings["aoc"])
     if settings["advantage"] == "critic":
