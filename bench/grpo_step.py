@@ -40,13 +40,15 @@ from balancedbio.grpo import build_trainer, variant_settings  # noqa: E402
 CONFIGS = {
     "vanilla": (True, {"weights": {"mode": "static"}, "aoc": {"mode": "off"}}),
     "full": (False, {}),
+    "full_policy_rollout": (False, {"grpo": {"rollout_weights": "policy"}}),
     "pid_only": (False, {"aoc": {"mode": "off"}}),
     "monitor": (False, {"aoc": {"mode": "monitor"}}),
     "project": (False, {"aoc": {"mode": "project", "projection": "pcgrad"}}),
 }
 DESCRIPTIONS = {
     "vanilla": "TRL `GRPOTrainer` (same stratified batches), same rewards, static weights",
-    "full": "BalancedGRPOTrainer: PID weights + AOC `penalty` (the `full` variant)",
+    "full": "BalancedGRPOTrainer: PID weights + AOC `penalty` (the `full` variant, rollouts from the merged copy)",
+    "full_policy_rollout": "`full`, but sampling from the LoRA policy itself as TRL does (`rollout_weights: policy`)",
     "pid_only": "PID weights, AOC `off` (the `no_aoc` variant)",
     "monitor": "PID weights, AOC `monitor` (S_cos logged only)",
     "project": "PID weights, AOC `project` (PCGrad via torchjd)",

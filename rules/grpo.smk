@@ -3,7 +3,7 @@
 
 import json
 
-from balancedbio.grpo import ABLATION_VARIANTS, GROUP_SIZES, variant_settings
+from balancedbio.variants import ABLATION_VARIANTS, GROUP_SIZES, variant_settings
 
 
 wildcard_constraints:

@@ -60,3 +60,14 @@ def test_benchmarks_dir_env_override(tmp_path, monkeypatch):
     monkeypatch.delenv(BENCHMARKS_DIR_ENV)
     expected = (REPO / ".." / "shared" / "benchmarks").resolve()
     assert load_config(REPO / "config" / "config.yaml")["benchmarks_dir"] == str(expected)
+
+
+def test_rollout_copy_with_vllm_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"grpo\.rollout_weights: auto .*use_vllm is true"):
+        load_config(_write(tmp_path, {"grpo": {"use_vllm": True, "rollout_weights": "auto"}}))
+    assert load_config(_write(tmp_path, {"grpo": {"use_vllm": True, "rollout_weights": "policy"}}))
+
+
+def test_unknown_rollout_weights_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"grpo\.rollout_weights: 'fp16' is not one of"):
+        load_config(_write(tmp_path, {"grpo": {"rollout_weights": "fp16"}}))
