@@ -61,7 +61,7 @@ def main() -> None:
                         model_dir=str(results / "models" / args.model), model_name=args.model,
                         benchmark_name=benchmark, benchmarks_dir=config["benchmarks_dir"], settings=settings,
                         out_json=f"{tmp}/r.json", out_items=f"{tmp}/r.jsonl",
-                        kg_test_file=str(results / "data" / "clean" / "mcq_test.jsonl"), seed=config["seed"])
+                        kg_test_file=str(results / "data" / "kg" / "mcq_test.jsonl"), seed=config["seed"])
                     if result.get("status") != "ok":
                         raise SystemExit(f"{benchmark}: {result.get('reason')}")
                     seconds.setdefault((benchmark, side), []).append(result["seconds"])
