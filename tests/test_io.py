@@ -38,3 +38,16 @@ def test_jsonl_roundtrip_and_malformed_line_names_file_and_line(tmp_path):
     path.write_text('{"a": 1}\n[1, 2]\n')
     with pytest.raises(DataFormatError, match=rf"{path}:2: expected a JSON object, got list"):
         list(read_jsonl(path))
+
+
+def test_save_figure_writes_a_png_atomically(tmp_path):
+    from balancedbio.io import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    target = tmp_path / "figures" / "line.png"
+    save_figure(fig, target)
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in target.parent.iterdir()] == ["line.png"], "no temporary file left behind"
+    assert not plt.get_fignums(), "the figure is closed"

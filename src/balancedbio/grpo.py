@@ -673,13 +673,9 @@ def read_dynamics(path: str | os.PathLike) -> list[dict]:
 
 def plot_dynamics(dynamics_path: str, figure_path: str, title: str = "") -> None:
     """Weights, success rates, reward components and S_cos against the step (Figures 3-4)."""
-    import matplotlib
+    from balancedbio.io import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from balancedbio.io import atomic_file
-
+    plt = pyplot()
     rows = read_dynamics(dynamics_path)
     steps = [r["step"] for r in rows]
     names = sorted({k[len("weight_"):] for r in rows for k in r if k.startswith("weight_")})
@@ -705,7 +701,4 @@ def plot_dynamics(dynamics_path: str, figure_path: str, title: str = "") -> None
     for ax in axes[1]:
         ax.set_xlabel("optimizer step")
     fig.suptitle(title or "GRPO training dynamics")
-    fig.tight_layout()
-    with atomic_file(figure_path, mode="wb", encoding=None) as handle:
-        fig.savefig(handle, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, figure_path)

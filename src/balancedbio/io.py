@@ -80,3 +80,23 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
             if not isinstance(row, dict):
                 raise DataFormatError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
             yield row
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (rules run without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:
+    """Lay out, write as PNG atomically (a killed job leaves no half-written figure) and close."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_file(path, mode="wb", encoding=None) as handle:
+        fig.savefig(handle, format="png", dpi=dpi)
+    plt.close(fig)

@@ -285,11 +285,9 @@ def train_prm(*, steps_path: str, encoder: str, out_dir: str, metrics_path: str,
 
 
 def plot_confusion(metrics: dict, out_png: str) -> None:
-    import matplotlib
+    from balancedbio.io import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     matrix = np.array(metrics["test"]["confusion_matrix"]["matrix"])
     labels = metrics["test"]["confusion_matrix"]["labels"]
     fig, ax = plt.subplots(figsize=(4.5, 4))
@@ -301,9 +299,4 @@ def plot_confusion(metrics: dict, out_png: str) -> None:
     ax.set_title(f"PRM on held-out steps (macro-F1 {metrics['test']['macro_f1']:.3f})")
     for (i, j), value in np.ndenumerate(matrix):
         ax.text(j, i, str(value), ha="center", va="center", color="white" if value > matrix.max() / 2 else "black")
-    fig.tight_layout()
-    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{out_png}.partial.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    save_figure(fig, out_png)

@@ -157,18 +157,9 @@ def ablation_rows(results: dict, dynamics: dict[str, list[dict]]) -> list[dict]:
 
 
 def _plot(path: Path, draw) -> None:
-    import matplotlib
+    from balancedbio.io import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from balancedbio.io import atomic_file
-
-    fig = draw(plt)
-    fig.tight_layout()
-    with atomic_file(path, mode="wb", encoding=None) as handle:
-        fig.savefig(handle, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(draw(pyplot()), path, dpi=110)
 
 
 def _series(rows, key):

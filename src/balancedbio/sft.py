@@ -50,13 +50,9 @@ def conversation_pairs(sft_path: str, *, max_examples: int | None = None, seed: 
 
 
 def plot_loss(log_history: list[dict], path: str) -> None:
-    import matplotlib
+    from balancedbio.io import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from balancedbio.io import atomic_file
-
+    plt = pyplot()
     points = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     if points:
@@ -65,10 +61,7 @@ def plot_loss(log_history: list[dict], path: str) -> None:
     ax.set_ylabel("training loss (assistant tokens)")
     ax.set_title("SFT")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_file(path, mode="wb", encoding=None) as handle:
-        fig.savefig(handle, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_sft(*, model_dir: str, sft_path: str, out_dir: str, metrics_path: str, loss_plot: str, checkpoint_dir: str,
