@@ -21,6 +21,7 @@ Writes bench/results/eval_throughput.{json,md}.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -54,23 +55,19 @@ def main() -> None:
     seconds: dict[tuple[str, str], list[float]] = {}
     counts: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        evaluate = functools.partial(
+            evaluate_benchmark, model_dir=str(results / "models" / args.model), model_name=args.model,
+            benchmarks_dir=config["benchmarks_dir"], out_json=f"{tmp}/r.json", out_items=f"{tmp}/r.jsonl",
+            kg_test_file=str(results / "data" / "kg" / "mcq_test.jsonl"), seed=config["seed"])
         # Warm-up (lazy imports, first kernels): the first evaluation in a process is ~10 s slower.
-        evaluate_benchmark(model_dir=str(results / "models" / args.model), model_name=args.model,
-                           benchmark_name="kg_mcq", benchmarks_dir=config["benchmarks_dir"],
-                           settings={**ours, "limit": {"kg_mcq": 2}}, out_json=f"{tmp}/w.json",
-                           out_items=f"{tmp}/w.jsonl",
-                           kg_test_file=str(results / "data" / "kg" / "mcq_test.jsonl"), seed=config["seed"])
+        evaluate(benchmark_name="kg_mcq", settings={**ours, "limit": {"kg_mcq": 2}})
         for repeat in range(args.repeats):
             for index, benchmark in enumerate(args.benchmarks):
                 order = list(sides.items())
                 if (index + repeat) % 2:  # alternate which side goes first
                     order.reverse()
                 for side, settings in order:
-                    result = evaluate_benchmark(
-                        model_dir=str(results / "models" / args.model), model_name=args.model,
-                        benchmark_name=benchmark, benchmarks_dir=config["benchmarks_dir"], settings=settings,
-                        out_json=f"{tmp}/r.json", out_items=f"{tmp}/r.jsonl",
-                        kg_test_file=str(results / "data" / "kg" / "mcq_test.jsonl"), seed=config["seed"])
+                    result = evaluate(benchmark_name=benchmark, settings=settings)
                     if result.get("status") != "ok":
                         raise SystemExit(f"{benchmark}: {result.get('reason')}")
                     seconds.setdefault((benchmark, side), []).append(result["seconds"])

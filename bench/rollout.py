@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -78,6 +79,18 @@ def step_prompts(tokenizer, results: Path, prompts: int, seed: int) -> list[str]
             for row in chosen]
 
 
+def parameter_count(model_dir: str) -> int:
+    """Parameters of the saved model, read from the safetensors headers (no second model load)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                total += math.prod(handle.get_slice(name).get_shape())
+    return total
+
+
 def build_model(model_dir: str, options: dict):
     model = load_causal_lm(model_dir, dtype="float32")
     if options["lora"]:
@@ -133,7 +146,7 @@ def main() -> None:
 
     torch.set_num_threads(2)
     flops = {"fp32": matmul_flops(dtype=torch.float32), "bf16": matmul_flops(dtype=torch.bfloat16, seconds=2.0)}
-    params = sum(p.numel() for p in load_causal_lm(model_dir, dtype="float32").parameters())
+    params = parameter_count(model_dir)
     bound = flops["fp32"] / (2 * params)
     print(f"fp32 matmul {flops['fp32'] / 1e9:.1f} GFLOP/s, bf16 {flops['bf16'] / 1e9:.1f} GFLOP/s; "
           f"{params / 1e6:.1f}M params -> bound {bound:.0f} tokens/s", flush=True)

@@ -153,7 +153,7 @@ class StratifiedGRPOTrainer(GRPOTrainer):
             self._rollout_copy = RolloutCopy(self.accelerator.unwrap_model(self.model), rollout_weights)
 
     def _generate_single_turn(self, *args, **kwargs):
-        if self._rollout_copy is None or self.use_vllm:
+        if self._rollout_copy is None:  # TRL's own path (never set together with vLLM: __init__ refuses)
             return super()._generate_single_turn(*args, **kwargs)
         # TRL unwraps self.model_wrapped for generation: point it at the copy, synced to this step's policy.
         self._rollout_copy.sync(self.accelerator.unwrap_model(self.model))

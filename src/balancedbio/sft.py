@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from pathlib import Path
 from typing import Sequence
 
 from balancedbio.io import DataFormatError, read_jsonl
