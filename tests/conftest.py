@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The smallest config, in the catalog's place for a workflow's test config.
+TEST_CONFIG = REPO / ".test" / "config" / "config.yaml"
 # The real benchmark files, read by path (never copied into the repository): the folder in
 # BALANCEDBIO_BENCHMARKS_DIR, else ../shared/benchmarks beside the checkout.
 SHARED_BENCHMARKS = Path(os.environ.get("BALANCEDBIO_BENCHMARKS_DIR") or REPO / ".." / "shared" / "benchmarks").resolve()
@@ -19,7 +21,7 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 def run_snakemake(*args: str, workdir: Path | None = None, env: dict | None = None,
                   check: bool = True, timeout: int = 2400) -> subprocess.CompletedProcess:
     """Run Snakemake on the repository's Snakefile, optionally in another working directory."""
-    cmd = [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile")]
+    cmd = [*SNAKEMAKE, "--snakefile", str(REPO / "workflow" / "Snakefile")]
     if workdir is not None:
         cmd += ["--directory", str(workdir)]
     cmd += list(args)
@@ -40,7 +42,7 @@ SMOKE_ENV = {"BALANCEDBIO_BENCHMARKS_DIR": str(SHARED_BENCHMARKS)}
 def smoke_workdir(tmp_path_factory) -> Path:
     """A working directory in which the smoke config ran the whole workflow for real."""
     workdir = tmp_path_factory.mktemp("smoke_run")
-    run_snakemake("--cores", "2", "--configfile", str(REPO / "config" / "smoke.yaml"), workdir=workdir, env=SMOKE_ENV)
+    run_snakemake("--cores", "2", "--configfile", str(TEST_CONFIG), workdir=workdir, env=SMOKE_ENV)
     return workdir
 
 
@@ -61,4 +63,4 @@ def smoke_config() -> dict:
     """The smoke config, validated and with the schema's defaults filled in."""
     from balancedbio.config import load_config
 
-    return load_config(REPO / "config" / "smoke.yaml", base_dir=REPO)
+    return load_config(TEST_CONFIG, base_dir=REPO)

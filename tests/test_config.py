@@ -10,9 +10,9 @@ from balancedbio.config import BENCHMARKS_DIR_ENV, ConfigError, load_config
 from conftest import REPO
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "paper.yaml", "smoke.yaml"])
-def test_shipped_configs_validate_and_get_defaults(name):
-    config = load_config(REPO / "config" / name)
+@pytest.mark.parametrize("config_path", ["config/config.yaml", "config/paper.yaml", ".test/config/config.yaml"])
+def test_shipped_configs_validate_and_get_defaults(config_path):
+    config = load_config(REPO / config_path)
     assert config["model"]["trust_remote_code"] is False
     assert config["resources"]["default"]["gpu"] >= 0
     assert "revision" in config["model"]  # filled from the schema's default

@@ -20,7 +20,7 @@ from balancedbio.data.mcq import QUESTION_KINDS, candidate_from_row, generate_qu
 from balancedbio.data.reasoning import FALLACIOUS, LABELS, NEUTRAL, VALID
 from balancedbio.io import read_jsonl
 
-from conftest import REPO, SHARED_BENCHMARKS, SMOKE_ENV, run_snakemake
+from conftest import SHARED_BENCHMARKS, SMOKE_ENV, TEST_CONFIG, run_snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -191,7 +191,7 @@ def test_rerunning_kg_synth_reproduces_the_same_bytes(smoke_workdir, tmp_path):
     from balancedbio.config import load_config
     from balancedbio.data.pipeline import kg_synth
 
-    config = load_config(REPO / "config" / "smoke.yaml")
+    config = load_config(TEST_CONFIG)
     names = {"mcq_train": "kg/mcq_train.jsonl", "mcq_val": "kg/mcq_val.jsonl", "mcq_test": "kg/mcq_test.jsonl",
              "steps": "kg/steps.jsonl", "sft": "sft.jsonl", "stats": "kg/stats.json"}
     outputs = {key: str(tmp_path / path.replace("/", "_")) for key, path in names.items()}
@@ -296,7 +296,7 @@ def test_ingested_steps_map_labels(tmp_path):
 def test_dry_run_plans_ingest_jobs_for_declared_datasets(tmp_path):
     extra = tmp_path / "ingest.yaml"
     extra.write_text("ingest:\n  - {name: toy, source: ./toy.jsonl, schema: mcq}\n")
-    result = run_snakemake("-n", "--configfile", str(REPO / "config" / "smoke.yaml"), str(extra),
+    result = run_snakemake("-n", "--configfile", str(TEST_CONFIG), str(extra),
                            workdir=tmp_path, env=SMOKE_ENV)
     plan = result.stdout + result.stderr
     assert "rule ingest:" in plan and "results/data/external/toy.jsonl" in plan

@@ -6,12 +6,13 @@ import json
 
 import pytest
 
-from conftest import REPO, SHARED_BENCHMARKS, run_snakemake
+from conftest import REPO, SHARED_BENCHMARKS, TEST_CONFIG, run_snakemake
 
 
-@pytest.mark.parametrize("config_name", ["config.yaml", "paper.yaml", "smoke.yaml", "qwen05b.yaml"])
-def test_dry_run_plans_the_full_dag(config_name, tmp_path):
-    result = run_snakemake("-n", "--configfile", str(REPO / "config" / config_name), workdir=tmp_path)
+@pytest.mark.parametrize("config_path", ["config/config.yaml", "config/paper.yaml", ".test/config/config.yaml",
+                                         "config/qwen05b.yaml"])
+def test_dry_run_plans_the_full_dag(config_path, tmp_path):
+    result = run_snakemake("-n", "--configfile", str(REPO / config_path), workdir=tmp_path)
     plan = result.stdout + result.stderr
     for rule in ("prepare_model", "build_kg", "kg_synth", "instruct_prompts", "decontaminate", "train_prm",
                  "sft", "grpo"):
@@ -48,7 +49,7 @@ def test_paper_config_launches_training_on_8_gpus_with_deepspeed(tmp_path):
 
 def test_zero3_with_aoc_is_refused_with_a_reason(tmp_path):
     cfg = tmp_path / "z3.yaml"
-    cfg.write_text(f"training:\n  deepspeed_config: {REPO / 'envs' / 'deepspeed_zero3_offload.json'}\n")
+    cfg.write_text(f"training:\n  deepspeed_config: {REPO / 'config' / 'deepspeed_zero3_offload.json'}\n")
     result = run_snakemake("-n", "--configfile", str(cfg), workdir=tmp_path, check=False)
     assert result.returncode != 0
     assert "ZeRO-3" in result.stdout + result.stderr and "aoc.mode" in result.stdout + result.stderr
@@ -95,7 +96,7 @@ def test_smoke_run_writes_model_log_and_benchmark_and_is_cached(smoke_workdir, p
     leftovers = [p.name for p in (smoke_workdir / "results").rglob("*.partial*")]
     assert leftovers == [], "atomic write left a partial folder behind"
 
-    again = run_snakemake("-n", "--configfile", str(REPO / "config" / "smoke.yaml"),
+    again = run_snakemake("-n", "--configfile", str(TEST_CONFIG),
                           workdir=smoke_workdir, env={"BALANCEDBIO_BENCHMARKS_DIR": str(SHARED_BENCHMARKS)})
     assert "Nothing to be done" in again.stdout + again.stderr
     provenance = json.loads((prepared_model_dir / "balancedbio_model.json").read_text())
@@ -104,7 +105,7 @@ def test_smoke_run_writes_model_log_and_benchmark_and_is_cached(smoke_workdir, p
 
 @pytest.mark.parametrize("name, stage", [("deepspeed_zero2.json", 2), ("deepspeed_zero3_offload.json", 3)])
 def test_deepspeed_configs_are_valid_json_with_offload(name, stage):
-    ds = json.loads((REPO / "envs" / name).read_text())
+    ds = json.loads((REPO / "config" / name).read_text())
     zero = ds["zero_optimization"]
     assert zero["stage"] == stage and zero["offload_optimizer"]["device"] == "cpu"
     assert ds["train_micro_batch_size_per_gpu"] == "auto" and ds["bf16"]["enabled"] == "auto"

@@ -1,6 +1,6 @@
 """BalancedBio: multi-capability alignment of biomedical LLMs (Capability-Aware GRPO).
 
-The Snakemake workflow (``Snakefile``, ``rules/``) orchestrates; this package holds the
+The Snakemake workflow (``workflow/Snakefile``, ``workflow/rules/``) orchestrates; this package holds the
 logic that the thin scripts in ``workflow/scripts/`` call.
 """
 

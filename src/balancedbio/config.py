@@ -1,6 +1,6 @@
 """Run configuration: schema validation (with defaults), environment overrides, semantic checks.
 
-The Snakefile validates with ``snakemake.utils.validate`` against ``config/schema.yaml``;
+The Snakefile validates with ``snakemake.utils.validate`` against ``workflow/schemas/config.schema.yaml``;
 ``load_config`` does the same outside Snakemake (tests, notebooks, scripts).
 """
 
@@ -18,7 +18,7 @@ from balancedbio.models import ModelResolutionError, resolve_model
 
 BENCHMARKS_DIR_ENV = "BALANCEDBIO_BENCHMARKS_DIR"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SCHEMA_PATH = REPO_ROOT / "config" / "schema.yaml"
+SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
 
 class ConfigError(ValueError):
@@ -97,7 +97,7 @@ def check_semantics(config: dict[str, Any]) -> None:
             raise ConfigError(
                 f"aoc.mode: {config['aoc']['mode']} needs each rank's whole gradient of the trainable weights, "
                 f"which DeepSpeed ZeRO-3 ({ds_config}) shards away; use ZeRO-2 "
-                "(envs/deepspeed_zero2.json) or set aoc.mode: off.")
+                "(config/deepspeed_zero2.json) or set aoc.mode: off.")
     grpo = config.get("grpo", {})
     if grpo.get("prompts_per_step", 2) % 2:
         raise ConfigError(f"grpo.prompts_per_step: {grpo['prompts_per_step']} cannot split evenly between the "

@@ -32,7 +32,7 @@ rule evaluate:
     conda:
         "../envs/balancedbio.yaml"
     script:
-        "../workflow/scripts/evaluate.py"
+        "../scripts/evaluate.py"
 
 
 rule eval_skipped:
@@ -47,4 +47,4 @@ rule eval_skipped:
     conda:
         "../envs/balancedbio.yaml"
     script:
-        "../workflow/scripts/eval_skipped.py"
+        "../scripts/eval_skipped.py"

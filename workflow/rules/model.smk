@@ -22,4 +22,4 @@ rule prepare_model:
     conda:
         "../envs/balancedbio.yaml"
     script:
-        "../workflow/scripts/prepare_model.py"
+        "../scripts/prepare_model.py"

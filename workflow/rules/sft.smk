@@ -11,8 +11,8 @@ rule sft:
         data=rules.decontaminate.output.sft,
     output:
         model=directory("results/models/sft"),
-        metrics=report("results/sft/metrics.json", caption="../workflow/report/sft.rst", category="SFT"),
-        loss_plot=report("results/sft/loss.png", caption="../workflow/report/sft.rst", category="SFT"),
+        metrics=report("results/sft/metrics.json", caption="../report/sft.rst", category="SFT"),
+        loss_plot=report("results/sft/loss.png", caption="../report/sft.rst", category="SFT"),
     params:
         launch=training_launcher("sft"),
         settings=json.dumps(sft_settings(config), sort_keys=True),

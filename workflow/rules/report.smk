@@ -10,11 +10,11 @@ rule report:
         decontamination=rules.decontaminate.output.report,
         sft=rules.sft.output.metrics,
     output:
-        html=report("results/report/report.html", caption="../workflow/report/report.rst", category="Report"),
+        html=report("results/report/report.html", caption="../report/report.rst", category="Report"),
         markdown="results/report/report.md",
         tables=directory("results/report/tables"),
         figures=report(directory("results/report/figures"), patterns=["{name}.png"],
-                       caption="../workflow/report/figures.rst", category="Report", subcategory="Figures"),
+                       caption="../report/figures.rst", category="Report", subcategory="Figures"),
     params:
         config=config,
         code=code_digest("report.py"),
@@ -25,4 +25,4 @@ rule report:
     conda:
         "../envs/balancedbio.yaml"
     script:
-        "../workflow/scripts/report.py"
+        "../scripts/report.py"

@@ -18,7 +18,7 @@ rule build_kg:
     conda:
         "../envs/balancedbio.yaml"
     script:
-        "../workflow/scripts/build_kg.py"
+        "../scripts/build_kg.py"
 
 
 rule kg_synth:
@@ -30,7 +30,7 @@ rule kg_synth:
         mcq_test="results/data/kg/mcq_test.jsonl",
         steps="results/data/kg/steps.jsonl",
         sft="results/data/sft.jsonl",
-        stats=report("results/data/kg/stats.json", caption="../workflow/report/kg_synth.rst", category="Data"),
+        stats=report("results/data/kg/stats.json", caption="../report/kg_synth.rst", category="Data"),
     params:
         kg=config["kg"],
         sft=config["sft_data"],
@@ -46,7 +46,7 @@ rule kg_synth:
     conda:
         "../envs/balancedbio.yaml"
     script:
-        "../workflow/scripts/kg_synth.py"
+        "../scripts/kg_synth.py"
 
 
 rule instruct_prompts:
@@ -70,7 +70,7 @@ rule instruct_prompts:
     conda:
         "../envs/balancedbio.yaml"
     script:
-        "../workflow/scripts/instruct_prompts.py"
+        "../scripts/instruct_prompts.py"
 
 
 rule ingest:
@@ -90,7 +90,7 @@ rule ingest:
     conda:
         "../envs/balancedbio.yaml"
     script:
-        "../workflow/scripts/ingest.py"
+        "../scripts/ingest.py"
 
 
 rule decontaminate:
@@ -110,7 +110,7 @@ rule decontaminate:
         steps="results/data/clean/steps.jsonl",
         sft="results/data/clean/sft.jsonl",
         prompts="results/data/clean/prompts.jsonl",
-        report=report("results/data/decontamination.json", caption="../workflow/report/decontamination.rst",
+        report=report("results/data/decontamination.json", caption="../report/decontamination.rst",
                       category="Data"),
     params:
         benchmarks_dir=config["benchmarks_dir"],
@@ -129,4 +129,4 @@ rule decontaminate:
     conda:
         "../envs/balancedbio.yaml"
     script:
-        "../workflow/scripts/decontaminate.py"
+        "../scripts/decontaminate.py"

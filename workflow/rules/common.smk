@@ -9,9 +9,9 @@ from balancedbio.config import apply_environment_overrides, check_schema, check_
 
 # Schema first (one short line per wrong key, then Snakemake fills the defaults), then the
 # env overrides and the checks the schema cannot express; all stop the run before any rule.
-check_schema(config, workflow.source_path("../config/schema.yaml"))
-validate(config, "../config/schema.yaml", set_default=True)
-apply_environment_overrides(config, workflow.basedir)
+check_schema(config, workflow.source_path("../schemas/config.schema.yaml"))
+validate(config, "../schemas/config.schema.yaml", set_default=True)
+apply_environment_overrides(config, os.path.dirname(workflow.basedir))
 check_semantics(config)
 
 
@@ -27,7 +27,7 @@ def code_digest(*relative_paths):
     trigger only sees the thin script, not the package it calls)."""
     import hashlib
 
-    package = os.path.join(workflow.basedir, "src", "balancedbio")
+    package = os.path.join(workflow.basedir, "..", "src", "balancedbio")
     digest = hashlib.sha256()
     for rel in relative_paths:
         path = os.path.join(package, rel)

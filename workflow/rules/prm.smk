@@ -8,8 +8,8 @@ rule train_prm:
         steps=rules.decontaminate.output.steps,
     output:
         model=directory("results/models/prm"),
-        metrics=report("results/prm/metrics.json", caption="../workflow/report/prm.rst", category="PRM"),
-        confusion=report("results/prm/confusion_matrix.png", caption="../workflow/report/prm.rst", category="PRM"),
+        metrics=report("results/prm/metrics.json", caption="../report/prm.rst", category="PRM"),
+        confusion=report("results/prm/confusion_matrix.png", caption="../report/prm.rst", category="PRM"),
     params:
         prm=config["prm"],
         seed=config["seed"],
@@ -25,4 +25,4 @@ rule train_prm:
     conda:
         "../envs/balancedbio.yaml"
     script:
-        "../workflow/scripts/train_prm.py"
+        "../scripts/train_prm.py"

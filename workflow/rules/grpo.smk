@@ -20,7 +20,7 @@ rule grpo:
     output:
         model=directory("results/models/grpo_{variant}"),
         dynamics="results/grpo_{variant}/dynamics.jsonl",
-        figure=report("results/grpo_{variant}/dynamics.png", caption="../workflow/report/grpo.rst",
+        figure=report("results/grpo_{variant}/dynamics.png", caption="../report/grpo.rst",
                       category="GRPO", subcategory="{variant}"),
     params:
         launch=training_launcher("grpo"),
