@@ -104,22 +104,3 @@ def benchmark_test_files(wildcards):
         return []
     names = config["decontamination"]["benchmarks"]
     return [p for p in (os.path.join(root, n, "test.jsonl") for n in names) if os.path.isfile(p)]
-
-
-def trained_variants():
-    """GRPO variants of the config plus any trained earlier (ablations, sweep) that are on disk."""
-    import re
-
-    pattern = re.compile(r"^grpo_(full|static_weights|no_prm|no_aoc|ppo|dwa|pcgrad|gradvac|g[0-9]+)$")
-    on_disk = [m.group(1) for d in sorted(os.listdir("results/models")) if (m := pattern.match(d))] \
-        if os.path.isdir("results/models") else []
-    return list(dict.fromkeys([*config["grpo"]["variants"], *on_disk]))
-
-
-def report_evaluations(wildcards):
-    models = list(dict.fromkeys([*eval_models(), *[f"grpo_{v}" for v in trained_variants()]]))
-    return [f"results/eval/{m}/{b}.json" for m in models for b in config["eval"]["benchmarks"]]
-
-
-def report_dynamics(wildcards):
-    return grpo_targets(trained_variants())

@@ -1,23 +1,78 @@
 # Stage 7: the report (the paper's tables and figures from this run) and Snakemake's own report.
+# Every file the report reads is a declared input, and the lists come from the config alone,
+# so the plan never depends on what is lying in results/.
+
+
+def report_models():
+    return eval_models()
+
+
+def report_variants():
+    """The config's GRPO variants and every evaluated one (their dynamics go into the report)."""
+    evaluated = [m[len("grpo_") :] for m in report_models() if m.startswith("grpo_")]
+    return list(dict.fromkeys([*config["grpo"]["variants"], *evaluated]))
+
+
+def _written_by_a_rule(pattern):
+    """Whether some rule of the workflow declares this output pattern (optional stages)."""
+    return any(pattern in map(str, rule.output) for rule in workflow.rules)
+
+
+HELDOUT = "results/eval/{model}/heldout_rewards.json"
+HELDOUT_ITEMS = "results/eval/{model}/heldout_rewards.items.jsonl"
+
+
+def report_heldout(wildcards):
+    # The held-out reward summaries, once the rule that writes them is part of the workflow.
+    if not _written_by_a_rule(HELDOUT):
+        return []
+    return expand(HELDOUT, model=report_models())
+
+
+def report_heldout_items(wildcards):
+    if not _written_by_a_rule(HELDOUT_ITEMS):
+        return []
+    return expand(HELDOUT_ITEMS, model=report_models())
 
 
 rule report:
     input:
-        evaluations=report_evaluations,
+        evaluations=expand(
+            rules.evaluate.output.result,
+            model=report_models(),
+            benchmark=config["eval"]["benchmarks"],
+        ),
+        eval_items=expand(
+            rules.evaluate.output.predictions,
+            model=report_models(),
+            benchmark=config["eval"]["benchmarks"],
+        ),
+        heldout=report_heldout,
+        heldout_items=report_heldout_items,
+        dynamics=expand(rules.grpo.output.dynamics, variant=report_variants()),
         skipped=rules.eval_skipped.output[0],
-        dynamics=report_dynamics,
         prm=rules.train_prm.output.metrics,
         decontamination=rules.decontaminate.output.report,
         sft=rules.sft.output.metrics,
     output:
-        html=report("results/report/report.html", caption="../report/report.rst", category="Report"),
+        html=report(
+            "results/report/report.html",
+            caption="../report/report.rst",
+            category="Report",
+        ),
         markdown="results/report/report.md",
         tables=directory("results/report/tables"),
-        figures=report(directory("results/report/figures"), patterns=["{name}.png"],
-                       caption="../report/figures.rst", category="Report", subcategory="Figures"),
+        figures=report(
+            directory("results/report/figures"),
+            patterns=["{name}.png"],
+            caption="../report/figures.rst",
+            category="Report",
+            subcategory="Figures",
+        ),
     params:
         config=config,
-        code=code_digest("report.py"),
+        out_dir=lambda wildcards, output: os.path.dirname(output.html),
+        code=code_digest("report.py", "templates/report.md.j2", "templates/report.html.j2"),
     log:
         "logs/report.log",
     benchmark:
