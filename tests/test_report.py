@@ -300,10 +300,11 @@ def test_report_builds_tables_figures_and_honest_wording(run_dir, tmp_path):
 def test_dry_run_declares_the_report_inputs_from_the_config(tmp_path):
     # A leftover model folder must not change the plan.
     (tmp_path / "results" / "models" / "grpo_dwa").mkdir(parents=True)
-    result = run_snakemake("-n", "--forceall", "--configfile", str(TEST_CONFIG), "--detailed-summary",
-                           "results/report/report.html", workdir=tmp_path)
-    plan = result.stdout
-    report_line = next(line for line in plan.splitlines() if line.startswith("results/report/report.html"))
+    result = run_snakemake("results/report/report.html", "-n", "--configfile", str(TEST_CONFIG), workdir=tmp_path)
+    plan = result.stdout + result.stderr
+    lines = plan.splitlines()
+    report_line = lines[lines.index("rule report:") + 1]
+    assert report_line.lstrip().startswith("input:")
     for model in ("base", "grpo_full"):
         for benchmark in ("mmlu_med", "ifeval", "kg_mcq"):
             assert f"results/eval/{model}/{benchmark}.items.jsonl" in report_line
@@ -324,7 +325,7 @@ def test_report_html_opens_in_headless_chromium_and_shows_the_figures(run_dir, t
     assert dom.returncode == 0, dom.stderr[-2000:]
     loaded = re.search(r'data-figures="(\d+)" data-figures-loaded="(\d+)"', dom.stdout)
     assert loaded and int(loaded.group(1)) >= 6 and loaded.group(1) == loaded.group(2), dom.stdout[:500]
-    assert '<table class="data">' in dom.stdout and "Alignment tax" in dom.stdout and "IFBench" in dom.stdout
+    assert '<table class="dataframe data">' in dom.stdout and "Alignment tax" in dom.stdout and "IFBench" in dom.stdout
     shot = tmp_path / "shot.png"
     result = subprocess.run(["chromium", *flags, f"--screenshot={shot}", "--window-size=1200,3000", page],
                             capture_output=True, text=True, timeout=120)

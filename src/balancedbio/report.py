@@ -229,16 +229,17 @@ def paired_difference(a: dict[str, float], b: dict[str, float], *, confidence: f
            "ci_low": None, "ci_high": None, "significant": False, "se": None, "mde": None}
     if len(keys) < 2:  # neither an interval nor a spread from one item
         return row
-    if np.all(diffs == diffs[0]):  # every resample gives the same mean; scipy would warn about degeneracy
-        low = high = float(diffs[0])
+    constant = bool(np.ptp(diffs) <= 1e-12)  # rounding aside, every item differs by the same amount
+    if constant:  # every resample gives the same mean; scipy would warn about degeneracy
+        low = high = float(diffs.mean())
     else:
         ci = bootstrap((x, y), lambda u, v, axis: np.mean(u - v, axis=axis), paired=True, vectorized=True,
                        n_resamples=n_resamples, confidence_level=confidence, method="percentile",
                        rng=np.random.default_rng(seed)).confidence_interval
         low, high = float(ci.low), float(ci.high)
-    se = float(diffs.std(ddof=1) / math.sqrt(len(keys)))
+    se = 0.0 if constant else float(diffs.std(ddof=1) / math.sqrt(len(keys)))
     row.update(ci_low=low, ci_high=high, significant=not (low <= 0.0 <= high), se=se,
-               # With no discordant item the data say nothing about the spread, so no MDE either.
+               # Constant differences (e.g. no discordant item) say nothing about the spread: no MDE.
                mde=minimum_detectable_effect(se, confidence, power) if se > 0 else None)
     return row
 
@@ -286,7 +287,7 @@ def describe_difference(name: str, diff: dict | None, accuracy: bool = True) -> 
     interval = f"95% CI [{_scaled(diff['ci_low'], accuracy)}, {_scaled(diff['ci_high'], accuracy)}]"
     verdict = "significant" if diff["significant"] else "not significant (the interval contains 0)"
     mde = (f"minimum detectable effect {_scaled(diff['mde'], accuracy).lstrip('+')}{unit}" if diff["mde"] is not None
-           else "minimum detectable effect undefined (the models agree on every item)")
+           else "minimum detectable effect undefined (the paired differences do not vary)")
     return f"{name}: {_scaled(diff['value'], accuracy)}{unit} ({interval}, n={diff['n']} paired items; {mde}), {verdict}."
 
 
@@ -411,18 +412,20 @@ def make_figures(data: RunData, comparisons: list[dict], fig_dir: Path, tau: flo
         (line,) = ax1.plot(*_series(rows, "s_cos", abs), marker="o", markersize=3, markerfacecolor="white",
                            label=variant)
         fired = [r for r in rows if r.get("s_cos") is not None and _fired(r)]
-        ax1.plot([r["step"] for r in fired], [abs(r["s_cos"]) for r in fired], "o", markersize=5,
-                 color=line.get_color(), label=f"{variant}: penalty fired")
+        if fired:
+            ax1.plot([r["step"] for r in fired], [abs(r["s_cos"]) for r in fired], "o", markersize=5,
+                     color=line.get_color(), label=f"{variant}: penalty fired")
         steps = [r["step"] for r in rows]
         ax2.plot(steps, np.cumsum([r.get("s_cos") is not None and _fired(r) for r in rows]), color=line.get_color(),
-                 label=variant)
+                 label=f"{variant}: fired (cumulative)")
         ax2.plot(steps, np.cumsum([r.get("s_cos") is not None for r in rows]), linestyle="--",
-                 color=line.get_color(), label=f"{variant}: S_cos defined")
+                 color=line.get_color(), label=f"{variant}: S_cos defined (cumulative)")
     if tau is not None:
         ax1.axhline(tau, color="grey", linestyle=":", linewidth=1, label=f"tau = {tau:g}")
     ax1.set_ylim(0, 1.02)
     ax1.set_ylabel("|S_cos| (medical vs instruction)")
     ax2.set_ylabel("steps (cumulative)")
+    ax2.yaxis.get_major_locator().set_params(integer=True)
     ax1.set_title("gradient conflict per step", fontsize=10)
     ax2.set_title("penalty fired / S_cos defined", fontsize=10)
     for ax in (ax1, ax2):
@@ -552,7 +555,7 @@ def _fmt(value: Any, pct: bool = False) -> str:
         return "–"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, float):
+    if isinstance(value, (int, float)) and (pct or isinstance(value, float)):  # JSON may hold 0 and 1 as ints
         return f"{100 * value:.1f}" if pct else f"{value:.3g}"
     return str(value)
 
@@ -639,7 +642,7 @@ def _mde_cell(diff: dict | None, target: float | None, accuracy: bool = True) ->
     if diff is None:
         return "–"
     if diff["mde"] is None:
-        return "undefined (no discordant item)" if diff["ci_low"] is not None else "–"
+        return "undefined (constant differences)" if diff["ci_low"] is not None else "–"
     text = _scaled(diff["mde"], accuracy).lstrip("+")
     if target is not None:
         text += f" ({'meets' if diff['mde'] <= target else 'misses'} the {100 * target:.0f}-pt target)"
@@ -763,6 +766,8 @@ def build_report(*, out_dir: str, evaluations: Iterable[str], eval_items: Iterab
 
     accuracy = {c.key: c.accuracy for c in CAPABILITIES}
     pct_columns = {"biomed", "kg_mcq", "ifeval", "ifbench"}
+    ablation_names = {"biomed": "BIOMED", "ifeval": "IFEval strict", "ifbench": "IFBench strict",
+                      "heldout_accuracy": "held-out R_acc", "heldout_instruction": "held-out R_inst"}
     display = [
         Table("Table 1: models x benchmarks (accuracy %, 95% Wilson CI)", _frame(main_table(data))),
         Table("Paired differences per capability (first minus second; paired bootstrap 95% CI)",
@@ -790,8 +795,9 @@ def build_report(*, out_dir: str, evaluations: Iterable[str], eval_items: Iterab
                        "n": r["n"] if r["n"] is not None else "–",
                        "status": r["status"]} for r in held])),
         Table("Table 2: GRPO variants (ablations)",
-              _frame([{k: (_fmt(v, k in pct_columns) if not isinstance(v, str) else v) for k, v in r.items()}
-                      for r in ablations])),
+              _frame([{ablation_names.get(k, k): (_fmt(v, k in pct_columns) if not isinstance(v, str) else v)
+                       for k, v in r.items()} for r in ablations]),
+              note="Accuracies in %, held-out rewards as means; weights, KL and reward at the last step."),
         Table("Active Orthogonality Control per variant",
               _frame([{"variant": r["variant"], "S_cos defined / steps": f"{r['s_cos_defined']} / {r['steps']}",
                        "penalty fired / defined": f"{r['fired']} / {r['s_cos_defined']}",
