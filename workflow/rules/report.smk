@@ -13,9 +13,9 @@ def report_variants():
     return list(dict.fromkeys([*config["grpo"]["variants"], *evaluated]))
 
 
-def _written_by_a_rule(pattern):
-    """Whether some rule of the workflow declares this output pattern (optional stages)."""
-    return any(pattern in map(str, rule.output) for rule in workflow.rules)
+def _made_by_a_rule(path):
+    """Whether some rule of the workflow writes this file (optional stages)."""
+    return any(rule.is_producer(path) for rule in workflow.rules)
 
 
 HELDOUT = "results/eval/{model}/heldout_rewards.json"
@@ -24,15 +24,13 @@ HELDOUT_ITEMS = "results/eval/{model}/heldout_rewards.items.jsonl"
 
 def report_heldout(wildcards):
     # The held-out reward summaries, once the rule that writes them is part of the workflow.
-    if not _written_by_a_rule(HELDOUT):
-        return []
-    return expand(HELDOUT, model=report_models())
+    files = expand(HELDOUT, model=report_models())
+    return files if all(map(_made_by_a_rule, files)) else []
 
 
 def report_heldout_items(wildcards):
-    if not _written_by_a_rule(HELDOUT_ITEMS):
-        return []
-    return expand(HELDOUT_ITEMS, model=report_models())
+    files = expand(HELDOUT_ITEMS, model=report_models())
+    return files if all(map(_made_by_a_rule, files)) else []
 
 
 rule report:
@@ -69,15 +67,17 @@ rule report:
             category="Report",
             subcategory="Figures",
         ),
-    params:
-        config=config,
-        out_dir=lambda wildcards, output: os.path.dirname(output.html),
-        code=code_digest("report.py", "templates/report.md.j2", "templates/report.html.j2"),
     log:
         "logs/report.log",
     benchmark:
         "benchmarks/report.tsv"
     conda:
         "../envs/balancedbio.yaml"
+    params:
+        config=config,
+        out_dir=lambda wildcards, output: os.path.dirname(output.html),
+        code=code_digest(
+            "report.py", "templates/report.md.j2", "templates/report.html.j2"
+        ),
     script:
         "../scripts/report.py"
