@@ -335,3 +335,15 @@ def test_report_html_opens_in_headless_chromium_and_shows_the_figures(run_dir, t
     assert stat.stddev[0] > 10, "the screenshot is blank"
     assert len(image.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50  # text, tables and plots, not one colour
 
+
+
+def test_the_bootstrap_of_the_differences_is_scipys_paired_bootstrap():
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    rng = np.random.default_rng(3)
+    x, y = (rng.random(300) < 0.6).astype(float), (rng.random(300) < 0.5).astype(float)
+    paired = bootstrap((x, y), lambda u, v, axis: np.mean(u - v, axis=axis), paired=True, vectorized=True,
+                       n_resamples=2000, method="percentile", rng=np.random.default_rng(0)).confidence_interval
+    diff = paired_difference(dict(enumerate(x)), dict(enumerate(y)), seed=0)
+    assert (diff["ci_low"], diff["ci_high"]) == pytest.approx((paired.low, paired.high))

@@ -5,7 +5,7 @@
 It reads only the files it is given (the report rule passes its declared inputs), never a
 folder. Every number comes from a result file; intervals are 95%: Wilson intervals for single
 accuracies (from the evaluation files) and paired percentile-bootstrap intervals
-(``scipy.stats.bootstrap(paired=True)``) over the shared items for differences between two
+(``scipy.stats.bootstrap`` over the paired differences) over the shared items for differences between two
 models, so the wording says "not significant" whenever an interval contains 0. Each difference
 carries its minimum detectable effect: the smallest true paired difference that a two-sided
 test at the same level detects with 80% power, given the observed spread of the paired
@@ -223,8 +223,7 @@ def paired_difference(a: dict[str, float], b: dict[str, float], *, confidence: f
     keys = sorted(set(a) & set(b))
     if not keys:
         return None
-    x, y = np.array([a[k] for k in keys], dtype=float), np.array([b[k] for k in keys], dtype=float)
-    diffs = x - y
+    diffs = np.array([a[k] - b[k] for k in keys], dtype=float)
     row = {"value": float(diffs.mean()), "n": len(keys), "discordant": int(np.count_nonzero(diffs)),
            "ci_low": None, "ci_high": None, "significant": False, "se": None, "mde": None}
     if len(keys) < 2:  # neither an interval nor a spread from one item
@@ -233,9 +232,10 @@ def paired_difference(a: dict[str, float], b: dict[str, float], *, confidence: f
     if constant:  # every resample gives the same mean; scipy would warn about degeneracy
         low = high = float(diffs.mean())
     else:
-        ci = bootstrap((x, y), lambda u, v, axis: np.mean(u - v, axis=axis), paired=True, vectorized=True,
-                       n_resamples=n_resamples, confidence_level=confidence, method="percentile",
-                       rng=np.random.default_rng(seed)).confidence_interval
+        # Resampling items and differencing is the paired bootstrap; on the differences directly it
+        # draws the same indices as bootstrap((x, y), paired=True) at a fraction of its cost.
+        ci = bootstrap((diffs,), np.mean, vectorized=True, n_resamples=n_resamples, confidence_level=confidence,
+                       method="percentile", rng=np.random.default_rng(seed)).confidence_interval
         low, high = float(ci.low), float(ci.high)
     se = 0.0 if constant else float(diffs.std(ddof=1) / math.sqrt(len(keys)))
     row.update(ci_low=low, ci_high=high, significant=not (low <= 0.0 <= high), se=se,
