@@ -649,6 +649,11 @@ def _mde_cell(diff: dict | None, target: float | None, accuracy: bool = True) ->
     return text
 
 
+def _significant(by_pair: dict, capability: str, sign: int) -> bool:
+    diff = by_pair[("grpo_full", "base", capability)]["diff"]
+    return bool(diff and diff["significant"] and sign * diff["value"] > 0)
+
+
 def conclusions(data: RunData, comparisons: list[dict], aoc: list[dict]) -> list[str]:
     """Plain sentences that say only what the intervals support."""
     lines = []
@@ -657,6 +662,12 @@ def conclusions(data: RunData, comparisons: list[dict], aoc: list[dict]) -> list
         for cap in CAPABILITIES:
             row = by_pair[("grpo_full", "base", cap.key)]
             lines.append(describe_difference(f"grpo_full minus base, {cap.label}", row["diff"], cap.accuracy))
+        gains = [c for c in ("biomed", "kg_mcq", "heldout_accuracy") if _significant(by_pair, c, +1)]
+        losses = [c for c in ("ifeval", "ifbench") if _significant(by_pair, c, -1)]
+        lines.append(f"Target (a significant medical gain of grpo_full over base, no significant loss on IFEval or "
+                     f"IFBench strict): {'met' if gains and not losses else 'not met'}; significant gains: "
+                     f"{', '.join(CAPABILITY[c].label for c in gains) or 'none'}; significant losses: "
+                     f"{', '.join(CAPABILITY[c].label for c in losses) or 'none'}.")
     else:
         lines.append("grpo_full or base was not evaluated, so the method's gain is not reported.")
     for first, second in COMPARISONS:
