@@ -3,46 +3,16 @@
 # so the plan never depends on what is lying in results/.
 
 
-def report_models():
-    return eval_models()
-
-
-def report_variants():
-    """The config's GRPO variants and every evaluated one (their dynamics go into the report)."""
-    evaluated = [m[len("grpo_") :] for m in report_models() if m.startswith("grpo_")]
-    return list(dict.fromkeys([*config["grpo"]["variants"], *evaluated]))
-
-
-def _made_by_a_rule(path):
-    """Whether some rule of the workflow writes this file (optional stages)."""
-    return any(rule.is_producer(path) for rule in workflow.rules)
-
-
-HELDOUT = "results/eval/{model}/heldout_rewards.json"
-HELDOUT_ITEMS = "results/eval/{model}/heldout_rewards.items.jsonl"
-
-
-def report_heldout(wildcards):
-    # The held-out reward summaries, once the rule that writes them is part of the workflow.
-    files = expand(HELDOUT, model=report_models())
-    return files if all(map(_made_by_a_rule, files)) else []
-
-
-def report_heldout_items(wildcards):
-    files = expand(HELDOUT_ITEMS, model=report_models())
-    return files if all(map(_made_by_a_rule, files)) else []
-
-
 rule report:
     input:
         evaluations=expand(
             rules.evaluate.output.result,
-            model=report_models(),
+            model=eval_models(),
             benchmark=config["eval"]["benchmarks"],
         ),
         eval_items=expand(
             rules.evaluate.output.predictions,
-            model=report_models(),
+            model=eval_models(),
             benchmark=config["eval"]["benchmarks"],
         ),
         heldout=report_heldout,
