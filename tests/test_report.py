@@ -131,8 +131,8 @@ def run_dir(tmp_path):
     return results
 
 
-def _inputs(results, models=MODELS, variants=tuple(DYNAMICS)):
-    benchmarks = ("ifeval", "ifbench", "mmlu_med", "kg_mcq", "cmexam")
+def _inputs(results, models=MODELS, variants=tuple(DYNAMICS),
+            benchmarks=("ifeval", "ifbench", "mmlu_med", "kg_mcq", "cmexam")):
     return {"evaluations": [str(results / "eval" / m / f"{b}.json") for m in models for b in benchmarks],
             "eval_items": [str(results / "eval" / m / f"{b}.items.jsonl") for m in models for b in benchmarks],
             "heldout": [str(results / "eval" / m / "heldout_rewards.json") for m in models],
@@ -350,3 +350,12 @@ def test_the_bootstrap_of_the_differences_is_scipys_paired_bootstrap():
                        n_resamples=2000, method="percentile", rng=np.random.default_rng(0)).confidence_interval
     diff = paired_difference(dict(enumerate(x)), dict(enumerate(y)), seed=0)
     assert (diff["ci_low"], diff["ci_high"]) == pytest.approx((paired.low, paired.high))
+
+
+def test_the_target_is_not_judged_without_ifbench(run_dir, tmp_path):
+    # ifbench.json lies in every model folder, but it is not among the inputs.
+    summary = _build(run_dir, tmp_path / "report", benchmarks=("ifeval", "mmlu_med", "kg_mcq"))
+    target = next(line for line in summary["findings"] if line.startswith("Target"))
+    assert "cannot be judged (IFBench prompt strict not evaluated for both)" in target
+    assert any(line.startswith("grpo_full minus base, IFBench prompt strict: not computable")
+               for line in summary["findings"])

@@ -451,9 +451,10 @@ def make_figures(data: RunData, comparisons: list[dict], fig_dir: Path, tau: flo
 
     # Pareto: medical accuracy against IFEval and IFBench strict; a legend, not point labels,
     # because models with equal scores would print their names on top of each other.
-    fig, axes = _figure(plt, 1, 2, width=10, height=4.0)
+    evaluated = [b for b in IF_BENCHMARKS if any(_instruction_items(b)(data, m) for m in data.models)] or ["ifeval"]
+    fig, axes = _figure(plt, 1, len(evaluated), width=1.5 + 4.3 * len(evaluated), height=4.0)
     markers = "osD^vP*Xhp<>"
-    for ax, benchmark in zip(axes[0], IF_BENCHMARKS):
+    for ax, benchmark in zip(axes[0], evaluated):
         general = _instruction_items(benchmark)
         for index, model in enumerate(data.models):
             med, gen = _medical_items(data, model), general(data, model)
@@ -478,7 +479,8 @@ def make_figures(data: RunData, comparisons: list[dict], fig_dir: Path, tau: flo
         if caps:
             ncols = min(3, len(caps))
             nrows = math.ceil(len(caps) / ncols)
-            fig, axes = _figure(plt, nrows, ncols, width=3.6 * ncols, height=0.35 * len(labels) * nrows + 1.4 * nrows)
+            fig, axes = _figure(plt, nrows, ncols, width=3.6 * ncols,
+                                  height=nrows * (1.8 + 0.35 * len(labels)))
             for ax, cap in zip(np.ravel(axes), caps):
                 scale = 100 if cap.accuracy else 1
                 for position, label in enumerate(labels):
@@ -664,8 +666,12 @@ def conclusions(data: RunData, comparisons: list[dict], aoc: list[dict]) -> list
             lines.append(describe_difference(f"grpo_full minus base, {cap.label}", row["diff"], cap.accuracy))
         gains = [c for c in ("biomed", "kg_mcq", "heldout_accuracy") if _significant(by_pair, c, +1)]
         losses = [c for c in ("ifeval", "ifbench") if _significant(by_pair, c, -1)]
+        unjudged = [CAPABILITY[c].label for c in ("ifeval", "ifbench")
+                    if (by_pair[("grpo_full", "base", c)]["diff"] or {}).get("ci_low") is None]
+        verdict = (f"cannot be judged ({', '.join(unjudged)} not evaluated for both)" if unjudged
+                   else "met" if gains and not losses else "not met")
         lines.append(f"Target (a significant medical gain of grpo_full over base, no significant loss on IFEval or "
-                     f"IFBench strict): {'met' if gains and not losses else 'not met'}; significant gains: "
+                     f"IFBench strict): {verdict}; significant gains: "
                      f"{', '.join(CAPABILITY[c].label for c in gains) or 'none'}; significant losses: "
                      f"{', '.join(CAPABILITY[c].label for c in losses) or 'none'}.")
     else:
