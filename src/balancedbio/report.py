@@ -70,7 +70,7 @@ def load_results(result_files: Iterable[str], item_files: Iterable[str]) -> dict
 
     An evaluated result must come with its ``.items.jsonl`` among ``item_files``: the paired
     differences need the items, and a result read without them would silently drop out."""
-    result_files = list(result_files)
+    result_files = [str(p) for p in result_files]
     items_of = _declared_items(result_files, item_files)
     results: dict[str, dict[str, dict]] = {}
     for path in result_files:
@@ -88,7 +88,7 @@ def load_results(result_files: Iterable[str], item_files: Iterable[str]) -> dict
 
 def load_heldout(summary_files: Iterable[str], item_files: Iterable[str]) -> dict[str, dict]:
     """{model: {"summary": heldout_rewards.json, "items": {"component:id": reward}}}."""
-    summary_files = list(summary_files)
+    summary_files = [str(p) for p in summary_files]
     items_of = _declared_items(summary_files, item_files)
     heldout = {}
     for path in summary_files:
@@ -288,7 +288,8 @@ def describe_difference(name: str, diff: dict | None, accuracy: bool = True) -> 
     verdict = "significant" if diff["significant"] else "not significant (the interval contains 0)"
     mde = (f"minimum detectable effect {_scaled(diff['mde'], accuracy).lstrip('+')}{unit}" if diff["mde"] is not None
            else "minimum detectable effect undefined (the paired differences do not vary)")
-    return f"{name}: {_scaled(diff['value'], accuracy)}{unit} ({interval}, n={diff['n']} paired items; {mde}), {verdict}."
+    value = _scaled(diff["value"], accuracy)
+    return f"{name}: {value}{unit} ({interval}, n={diff['n']} paired items; {mde}), {verdict}."
 
 
 # -- training dynamics -----------------------------------------------------------------------
