@@ -1,123 +1,319 @@
-"""The report from a small fixture of result files the test writes itself."""
+"""The report from a small fixture of result files the test writes itself (hand-made outcomes whose
+differences, intervals and counts are known)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import shutil
 import subprocess
 
 import pytest
 
-from balancedbio.report import alignment_tax, build_report, load_results, paired_difference
+from balancedbio.report import (RunData, aoc_rows, alignment_tax, build_report, comparison_rows, load_dynamics,
+                                load_heldout, load_results, minimum_detectable_effect, paired_difference)
+from conftest import TEST_CONFIG, run_snakemake
 
-# Hand-made item outcomes: IFEval strict per prompt and medical correctness per question.
-IFEVAL = {"base": [1, 1, 1, 0], "grpo_full": [1, 0, 1, 0], "grpo_static_weights": [0, 0, 1, 0]}
-MEDICAL = {"base": [0, 0, 1, 1, 0, 0], "grpo_full": [1, 0, 1, 1, 1, 0], "grpo_static_weights": [0, 0, 1, 1, 0, 0]}
+Z_SUM = 1.959963984540054 + 0.8416212335729143  # z_0.975 + z_0.80
+
+# Hand-made item outcomes per model: IFEval / IFBench strict per prompt, medical correctness per
+# question, kg_mcq correctness, and held-out rewards per prompt.
+MODELS = ("base", "sft", "grpo_full", "grpo_static_weights", "grpo_gdpo")
+IFEVAL = {"base": [1, 1, 1, 0], "sft": [1, 1, 0, 0], "grpo_full": [1, 0, 1, 0], "grpo_static_weights": [0, 0, 1, 0],
+          "grpo_gdpo": [1, 1, 1, 0]}
+IFBENCH = {"base": [0, 0, 1, 0, 0, 1], "sft": [0, 0, 1, 0, 0, 1], "grpo_full": [1, 0, 1, 0, 0, 1],
+           "grpo_static_weights": [0, 0, 1, 0, 0, 0], "grpo_gdpo": [0, 0, 1, 0, 0, 1]}
+MEDICAL = {"base": [0, 0, 1, 1, 0, 0], "sft": [0, 1, 1, 1, 0, 0], "grpo_full": [1, 0, 1, 1, 1, 0],
+           "grpo_static_weights": [0, 0, 1, 1, 0, 0], "grpo_gdpo": [0, 0, 1, 1, 1, 0]}
+# kg_mcq on 40 questions: grpo_full answers all of them, base only the first 10 -> +75 points.
+KG = {"base": [1] * 10 + [0] * 30, "sft": [1] * 12 + [0] * 28, "grpo_full": [1] * 40,
+      "grpo_static_weights": [1] * 20 + [0] * 20, "grpo_gdpo": [1] * 30 + [0] * 10}
+HELDOUT = {"base": ([0.2, 0.4, 0.6], [0.5, 0.5]), "sft": ([0.3, 0.4, 0.6], [0.5, 0.6]),
+           "grpo_full": ([0.5, 0.7, 0.9], [0.4, 0.5]), "grpo_static_weights": ([0.2, 0.4, 0.6], [0.5, 0.5]),
+           "grpo_gdpo": ([0.2, 0.4, 0.6], [0.5, 0.5])}
 
 
-def _write_results(root, model, ifeval, medical):
-    folder = root / "eval" / model
-    folder.mkdir(parents=True)
-    items = [{"task": "bb_ifeval", "doc_id": i, "prompt_level_strict_acc": bool(v), "inst_level_strict_acc": [bool(v)],
-              "instruction_id_list": ["punctuation:no_comma"]} for i, v in enumerate(ifeval)]
-    (folder / "ifeval.items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
-    p = sum(ifeval) / len(ifeval)
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _instruction_result(folder, model, benchmark, outcomes):
+    _jsonl(folder / f"{benchmark}.items.jsonl",
+           [{"task": f"bb_{benchmark}", "doc_id": i, "prompt_level_strict_acc": bool(v),
+             "inst_level_strict_acc": [bool(v)], "instruction_id_list": ["x:y"]} for i, v in enumerate(outcomes)])
+    p = sum(outcomes) / len(outcomes)
     metric = {"value": p, "ci95": [max(0, p - 0.3), min(1, p + 0.3)]}
-    (folder / "ifeval.json").write_text(json.dumps({
-        "benchmark": "ifeval", "model": model, "status": "ok", "n": len(ifeval),
+    (folder / f"{benchmark}.json").write_text(json.dumps({
+        "benchmark": benchmark, "model": model, "status": "ok", "n": len(outcomes),
         "metrics": {m: metric for m in ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc",
-                                        "inst_level_loose_acc")} | {"n_instructions": len(ifeval)}}))
-    subjects = {"anatomy": medical[:3], "college_biology": medical[3:]}
-    items, per_subject = [], {}
-    for subject, outcomes in subjects.items():
-        for i, v in enumerate(outcomes):
-            items.append({"task": f"bb_mmlu_med_{subject}", "doc_id": i, "answer": "A",
-                          "predicted": "A" if v else "B", "correct": bool(v)})
-        acc = sum(outcomes) / len(outcomes)
-        per_subject[subject] = {"n": len(outcomes), "acc": acc, "ci95": [0.0, 1.0]}
-    (folder / "mmlu_med.items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
-    acc = sum(medical) / len(medical)
-    (folder / "mmlu_med.json").write_text(json.dumps({
-        "benchmark": "mmlu_med", "model": model, "status": "ok", "n": len(medical),
+                                        "inst_level_loose_acc")} | {"n_instructions": len(outcomes)}}))
+
+
+def _mcq_result(folder, model, benchmark, items, per_subject=None):
+    _jsonl(folder / f"{benchmark}.items.jsonl", items)
+    acc = sum(i["correct"] for i in items) / len(items)
+    (folder / f"{benchmark}.json").write_text(json.dumps({
+        "benchmark": benchmark, "model": model, "status": "ok", "n": len(items),
         "metrics": {"acc": {"value": acc, "ci95": [max(0, acc - 0.3), min(1, acc + 0.3)]}},
         "per_subject": per_subject}))
+
+
+def _write_model(root, model):
+    folder = root / "eval" / model
+    folder.mkdir(parents=True)
+    _instruction_result(folder, model, "ifeval", IFEVAL[model])
+    _instruction_result(folder, model, "ifbench", IFBENCH[model])
+    medical = MEDICAL[model]
+    subjects = {"anatomy": medical[:3], "college_biology": medical[3:]}
+    items = [{"task": f"bb_mmlu_med_{s}", "doc_id": i, "answer": "A", "correct": bool(v)}
+             for s, outcomes in subjects.items() for i, v in enumerate(outcomes)]
+    _mcq_result(folder, model, "mmlu_med", items,
+                {s: {"n": len(o), "acc": sum(o) / len(o), "ci95": [0.0, 1.0]} for s, o in subjects.items()})
+    _mcq_result(folder, model, "kg_mcq", [{"task": "bb_kg_mcq", "doc_id": i, "answer": "A", "correct": bool(v)}
+                                          for i, v in enumerate(KG[model])])
     (folder / "cmexam.json").write_text(json.dumps({"benchmark": "cmexam", "model": model, "status": "skipped",
                                                     "reason": "cmexam/test.jsonl does not exist"}))
     (folder / "cmexam.items.jsonl").write_text("")
+    accuracy, instruction = HELDOUT[model]
+    _jsonl(folder / "heldout_rewards.items.jsonl",
+           [{"id": f"kg{i}", "component": "accuracy", "reward": r} for i, r in enumerate(accuracy)]
+           + [{"id": f"p{i}", "component": "instruction", "reward": r} for i, r in enumerate(instruction)])
+    components = {name: {"mean": sum(v) / len(v), "n": len(v), "ci_low": min(v), "ci_high": max(v)}
+                  for name, v in (("accuracy", accuracy), ("instruction", instruction))}
+    (folder / "heldout_rewards.json").write_text(json.dumps({"status": "ok", "model": model, "components": components,
+                                                             "settings": {"max_new_tokens": 8}}))
+
+
+# AOC: full fires on 2 of the 4 steps where S_cos is defined (flag given); static_weights has no
+# flag, so L_orth > 0 counts (1 step); no_aoc never fires.
+DYNAMICS = {
+    "full": [(0.3, True, 0.02), (None, False, 0.0), (-0.05, False, 0.0), (0.2, True, 0.01), (None, False, 0.0),
+             (0.15, False, 0.0)],
+    "static_weights": [(0.4, None, 0.03), (0.1, None, 0.0), (None, None, 0.0)],
+    "no_aoc": [(0.5, False, 0.0), (-0.25, False, 0.0), (None, False, 0.0), (0.35, False, 0.0)],
+}
 
 
 @pytest.fixture()
 def run_dir(tmp_path):
     results = tmp_path / "results"
-    for model in IFEVAL:
-        _write_results(results, model, IFEVAL[model], MEDICAL[model])
-    for variant, moving in (("full", True), ("static_weights", False)):
+    for model in MODELS:
+        _write_model(results, model)
+    for variant, steps in DYNAMICS.items():
         folder = results / f"grpo_{variant}"
         folder.mkdir()
         rows = []
-        for step in range(1, 5):
-            w = 1.0 + 0.1 * step if moving else 1.0
-            rows.append({"step": step, "reward": 0.5, "kl": 0.01 * step, "completion_length": 60,
-                         "s_cos": None if step == 2 else 0.2 / step, "l_orth": 0.0,
-                         "weight_accuracy": w, "weight_instruction": 2 - w,
-                         "reward_accuracy": 0.1 * step, "reward_instruction": 0.5})
-        (folder / "dynamics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    prm = results / "prm.json"
-    prm.write_text(json.dumps({"test": {"n": 10, "macro_f1": 0.9, "accuracy": 0.92,
-                                        "per_class_f1": {"valid": 0.9, "neutral": 0.95, "fallacious": 0.85}},
-                               "test_chain_ranking": {"pairs": 5, "sound_above_flawed": 1.0}}))
-    decon = results / "decontamination.json"
-    decon.write_text(json.dumps({"outputs": {"sft": {"total": 10, "kept": 9, "dropped": 1,
-                                                     "dropped_by_benchmark": {"mmlu_med": 1}}}}))
+        for step, (s_cos, fired, l_orth) in enumerate(steps, start=1):
+            w = 1.0 + 0.1 * step if variant == "full" else 1.0
+            row = {"step": step, "reward": 0.5, "kl": 0.01 * step, "completion_length": 60, "s_cos": s_cos,
+                   "l_orth": l_orth, "weight_accuracy": w, "weight_instruction": 2 - w,
+                   "reward_accuracy": 0.1 * step, "reward_instruction": 0.5}
+            if fired is not None:
+                row["aoc_fired"] = fired
+            rows.append(row)
+        _jsonl(folder / "dynamics.jsonl", rows)
+    (results / "prm.json").write_text(json.dumps({
+        "test": {"n": 10, "macro_f1": 0.9, "accuracy": 0.92,
+                 "per_class_f1": {"valid": 0.9, "neutral": 0.95, "fallacious": 0.85}},
+        "test_chain_ranking": {"pairs": 5, "sound_above_flawed": 1.0}}))
+    (results / "decontamination.json").write_text(json.dumps({"outputs": {"sft": {
+        "total": 10, "kept": 9, "dropped": 1, "dropped_by_benchmark": {"mmlu_med": 1}}}}))
+    (results / "sft.json").write_text(json.dumps({"examples": 16, "first_logged_loss": 1.41,
+                                                  "last_logged_loss": 1.2, "log_history": [{"loss": 1.41}]}))
+    # A stray model and variant that no input list names: the report must not see them.
+    stray = results / "eval" / "grpo_stray"
+    stray.mkdir()
+    _instruction_result(stray, "grpo_stray", "ifeval", [1, 1, 1, 1])
+    (results / "grpo_stray").mkdir()
+    _jsonl(results / "grpo_stray" / "dynamics.jsonl", [{"step": 1, "s_cos": 0.9, "aoc_fired": True}])
     return results
 
 
-def test_alignment_tax_and_domain_gain_on_a_hand_made_example(run_dir):
-    results = load_results(run_dir / "eval")
-    rows = {r["model"]: r for r in alignment_tax(results)}
-    # base IFEval 3/4, grpo_full 2/4: tax = 0.75 - 0.5; medical 2/6 -> 4/6: gain = +1/3.
-    assert rows["grpo_full"]["alignment_tax"]["value"] == pytest.approx(0.25)
+def _inputs(results, models=MODELS, variants=tuple(DYNAMICS),
+            benchmarks=("ifeval", "ifbench", "mmlu_med", "kg_mcq", "cmexam")):
+    return {"evaluations": [str(results / "eval" / m / f"{b}.json") for m in models for b in benchmarks],
+            "eval_items": [str(results / "eval" / m / f"{b}.items.jsonl") for m in models for b in benchmarks],
+            "heldout": [str(results / "eval" / m / "heldout_rewards.json") for m in models],
+            "heldout_items": [str(results / "eval" / m / "heldout_rewards.items.jsonl") for m in models],
+            "dynamics": [str(results / f"grpo_{v}" / "dynamics.jsonl") for v in variants]}
+
+
+def _data(results, **kwargs):
+    files = _inputs(results, **kwargs)
+    return RunData(load_results(files["evaluations"], files["eval_items"]),
+                   load_heldout(files["heldout"], files["heldout_items"]), load_dynamics(files["dynamics"]))
+
+
+def _build(results, out, **kwargs):
+    return build_report(out_dir=str(out), **_inputs(results, **kwargs), prm_metrics=str(results / "prm.json"),
+                        decontamination=str(results / "decontamination.json"), sft_metrics=str(results / "sft.json"),
+                        config={"run_name": "fixture", "model": {"source": "embedded:x"}, "seed": 1,
+                                "aoc": {"tau": 0.1}}, versions={"torch": "x"})
+
+
+def _csv(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+# -- statistics on cases with a known answer ---------------------------------------------------
+
+def test_paired_difference_interval_excludes_zero_for_a_known_half_point_gain():
+    # a right on all 100 items, b on the first 50: diff 0.5, SE = sd(d)/10 with sd(d) = sqrt(0.25*100/99).
+    a = {str(i): 1.0 for i in range(100)}
+    b = {str(i): float(i < 50) for i in range(100)}
+    diff = paired_difference(a, b)
+    se = math.sqrt(0.25 * 100 / 99) / 10
+    assert diff["value"] == pytest.approx(0.5) and diff["n"] == 100 and diff["discordant"] == 50
+    assert diff["se"] == pytest.approx(se)
+    # The percentile bootstrap agrees with the normal interval 0.5 +- 1.96 * 0.05 within resampling noise.
+    assert diff["ci_low"] == pytest.approx(0.5 - 1.96 * 0.05, abs=0.03)
+    assert diff["ci_high"] == pytest.approx(0.5 + 1.96 * 0.05, abs=0.03)
+    assert diff["significant"]
+    assert diff["mde"] == pytest.approx(Z_SUM * se)
+
+
+def test_paired_difference_interval_contains_zero_for_balanced_discordance():
+    # 10 items only a gets right, 8 only b: +0.02 with SE ~0.042, so the interval contains 0.
+    a = {str(i): float(i < 10 or i >= 90) for i in range(100)}
+    b = {str(i): float(10 <= i < 18 or i >= 90) for i in range(100)}
+    diff = paired_difference(a, b)
+    assert diff["value"] == pytest.approx(0.02) and diff["discordant"] == 18
+    assert diff["ci_low"] < 0 < diff["ci_high"] and not diff["significant"]
+    # Identical models: a zero-width interval at 0, and no spread to derive an MDE from.
+    same = paired_difference(a, dict(a))
+    assert (same["ci_low"], same["ci_high"], same["significant"], same["mde"]) == (0.0, 0.0, False, None)
+    assert paired_difference({"a": 1.0}, {"b": 1.0}) is None
+
+
+def test_minimum_detectable_effect_from_the_discordance_of_paired_outcomes():
+    assert minimum_detectable_effect(0.05) == pytest.approx(Z_SUM * 0.05)
+    assert minimum_detectable_effect(0.05, power=0.5) == pytest.approx(1.959964 * 0.05, rel=1e-6)
+    # n = 200 pairs: 20 only a right (p10 = 0.1), 10 only b right (p01 = 0.05).
+    n, p10, p01 = 200, 0.1, 0.05
+    a = {str(i): float(i < 20 or i >= 150) for i in range(n)}
+    b = {str(i): float(20 <= i < 30 or i >= 150) for i in range(n)}
+    variance = (p10 + p01 - (p10 - p01) ** 2) * n / (n - 1)
+    diff = paired_difference(a, b)
+    assert diff["value"] == pytest.approx(p10 - p01)
+    assert diff["mde"] == pytest.approx(Z_SUM * math.sqrt(variance / n))
+
+
+# -- tables from the fixture -------------------------------------------------------------------
+
+def test_comparisons_per_capability_on_the_hand_made_run(run_dir):
+    rows = {(r["first"], r["second"], r["capability"]): r["diff"] for r in comparison_rows(_data(run_dir))}
+    pairs = {(f, s) for f, s, _ in rows}
+    assert pairs == {("sft", "base"), ("grpo_full", "sft"), ("grpo_full", "base"),
+                     ("grpo_full", "grpo_static_weights"), ("grpo_full", "grpo_gdpo")}
+    kg = rows[("grpo_full", "base", "kg_mcq")]
+    assert kg["value"] == pytest.approx(0.75) and kg["n"] == 40 and kg["significant"]
+    assert rows[("grpo_full", "base", "ifbench")]["value"] == pytest.approx(1 / 6)
+    assert rows[("grpo_full", "base", "ifbench")]["n"] == 6
+    assert rows[("grpo_full", "base", "heldout_accuracy")]["value"] == pytest.approx(0.3)
+    assert rows[("grpo_full", "base", "heldout_accuracy")]["significant"]  # +0.3 on every prompt
+    assert rows[("grpo_full", "base", "heldout_instruction")]["value"] == pytest.approx(-0.05)
+    assert rows[("grpo_full", "grpo_gdpo", "biomed")]["value"] == pytest.approx(1 / 6)
+    # Without gdpo evaluated, its comparison is not made.
+    data = _data(run_dir, models=MODELS[:4])
+    assert {(r["first"], r["second"]) for r in comparison_rows(data)} == pairs - {("grpo_full", "grpo_gdpo")}
+
+
+def test_alignment_tax_on_ifeval_and_ifbench_and_domain_gain(run_dir):
+    rows = {r["model"]: r for r in alignment_tax(_data(run_dir))}
+    # base IFEval 3/4, grpo_full 2/4: tax +0.25; IFBench 2/6 -> 3/6: tax -1/6; medical 2/6 -> 4/6.
+    assert rows["grpo_full"]["tax_ifeval"]["value"] == pytest.approx(0.25)
+    assert rows["grpo_full"]["tax_ifbench"]["value"] == pytest.approx(-1 / 6)
     assert rows["grpo_full"]["domain_gain"]["value"] == pytest.approx(1 / 3)
     assert rows["grpo_static_weights"]["domain_gain"]["value"] == pytest.approx(0.0)
-    assert rows["grpo_full"]["alignment_tax"]["n"] == 4
-    tax = rows["grpo_full"]["alignment_tax"]
+    tax = rows["grpo_full"]["tax_ifeval"]
     assert tax["ci_low"] <= tax["value"] <= tax["ci_high"] and not tax["significant"]  # 4 items: too few
 
 
-def test_paired_difference_is_significant_only_when_the_interval_excludes_zero():
-    same = {str(i): float(i % 2) for i in range(200)}
-    better = {k: 1.0 for k in same}
-    assert paired_difference(better, same)["significant"]
-    assert not paired_difference(same, dict(same))["significant"]
-    assert paired_difference({"a": 1.0}, {"b": 1.0}) is None
+def test_aoc_counts_from_a_hand_written_dynamics_file(run_dir):
+    rows = {r["variant"]: r for r in aoc_rows(_data(run_dir).dynamics)}
+    full = rows["full"]
+    assert (full["steps"], full["s_cos_defined"], full["fired"]) == (6, 4, 2)
+    assert full["mean_abs_s_cos"] == pytest.approx((0.3 + 0.05 + 0.2 + 0.15) / 4)
+    assert full["fired_fraction_of_defined"] == pytest.approx(0.5)
+    assert (rows["static_weights"]["s_cos_defined"], rows["static_weights"]["fired"]) == (2, 1)  # L_orth fallback
+    assert (rows["no_aoc"]["fired"], rows["no_aoc"]["max_abs_s_cos"]) == (0, 0.5)
+
+
+def test_an_evaluated_result_needs_its_declared_items_file(run_dir):
+    files = _inputs(run_dir)
+    items = [p for p in files["eval_items"] if not p.endswith("grpo_full/ifbench.items.jsonl")]
+    with pytest.raises(ValueError, match=r"grpo_full/ifbench\.json: its items file .* not among the report's inputs"):
+        load_results(files["evaluations"], items)
+
+
+def test_report_reads_only_the_files_it_is_given(run_dir, tmp_path):
+    out = tmp_path / "report"
+    summary = _build(run_dir, out)
+    assert "grpo_stray" not in summary["models"] and set(summary["models"]) == set(MODELS)
+    assert "grpo_stray" not in (out / "report.md").read_text()
+    assert "stray" not in {r["variant"] for r in _csv(out / "tables" / "aoc.csv")}
+    # Fewer files given, fewer models reported, although their folders are still there.
+    smaller = _build(run_dir, tmp_path / "small", models=("base", "grpo_full"), variants=("full",))
+    assert smaller["models"] == ["base", "grpo_full"]
+    assert {r["variant"] for r in _csv(tmp_path / "small" / "tables" / "table2_ablations.csv")} == {"full"}
 
 
 def test_report_builds_tables_figures_and_honest_wording(run_dir, tmp_path):
     out = tmp_path / "report"
-    summary = build_report(eval_dir=str(run_dir / "eval"), results_dir=str(run_dir), out_dir=str(out),
-                           prm_metrics=str(run_dir / "prm.json"), decontamination=str(run_dir / "decontamination.json"),
-                           config={"run_name": "fixture", "model": {"source": "embedded:x"}, "seed": 1},
-                           versions={"torch": "x"})
-    with open(out / "tables" / "table1_main.csv") as handle:
-        table1 = list(csv.DictReader(handle))
-    assert {(r["model"], r["benchmark"]) for r in table1} == {(m, b) for m in IFEVAL for b in ("ifeval", "mmlu_med")}
-    assert len([r for r in table1 if r["benchmark"] == "ifeval"]) == 3 * 4  # four IFEval metrics per model
-    with open(out / "tables" / "skipped.csv") as handle:
-        skipped = list(csv.DictReader(handle))
-    assert [(r["model"], r["reason"]) for r in skipped][0] == ("base", "cmexam/test.jsonl does not exist")
-    with open(out / "tables" / "table2_ablations.csv") as handle:
-        ablations = {r["variant"]: r for r in csv.DictReader(handle)}
-    assert set(ablations) == {"full", "static_weights"} and float(ablations["full"]["weight_accuracy"]) == 1.4
-    with open(out / "tables" / "mmlu_subjects.csv") as handle:
-        assert len(list(csv.DictReader(handle))) == 3 * 2
-    for name in ("weights", "rewards", "aoc", "kl_length", "pareto"):
+    summary = _build(run_dir, out)
+    table1 = _csv(out / "tables" / "table1_main.csv")
+    assert {(r["model"], r["benchmark"]) for r in table1} == {
+        (m, b) for m in MODELS for b in ("ifeval", "ifbench", "mmlu_med", "kg_mcq")}
+    assert len([r for r in table1 if r["benchmark"] == "ifbench"]) == len(MODELS) * 4  # four metrics per model
+    skipped = _csv(out / "tables" / "skipped.csv")
+    assert ("base", "cmexam/test.jsonl does not exist") == (skipped[0]["model"], skipped[0]["reason"])
+    ablations = {r["variant"]: r for r in _csv(out / "tables" / "table2_ablations.csv")}
+    assert set(ablations) == set(DYNAMICS) and float(ablations["full"]["weight_accuracy"]) == pytest.approx(1.6)
+    assert float(ablations["full"]["ifbench"]) == pytest.approx(0.5)
+    taxes = {(r["model"], r["benchmark"]): r for r in _csv(out / "tables" / "alignment_tax.csv")}
+    assert float(taxes[("grpo_full", "ifbench")]["value"]) == pytest.approx(-1 / 6)
+    held = {(r["model"], r["component"]): r for r in _csv(out / "tables" / "heldout_rewards.csv")}
+    assert float(held[("grpo_full", "accuracy")]["mean"]) == pytest.approx(0.7)
+    assert float(held[("grpo_full", "accuracy")]["ci_low"]) == pytest.approx(0.5) and held[("base", "instruction")]
+    diffs = _csv(out / "tables" / "paired_differences.csv")
+    kg = next(r for r in diffs if r["comparison"] == "grpo_full - base" and r["capability"] == "kg_mcq")
+    assert kg["significant"] == "True" and float(kg["mde"]) > 0
+    assert len(diffs) == 5 * 6  # five comparisons x six capabilities
+    aoc = {r["variant"]: r for r in _csv(out / "tables" / "aoc.csv")}
+    assert (aoc["full"]["s_cos_defined"], aoc["full"]["fired"]) == ("4", "2")
+    for name in ("weights", "rewards", "aoc", "kl_length", "pareto", "differences"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 5000
     markdown = (out / "report.md").read_text()
-    assert "not significant" in markdown and "Alignment tax of grpo_full" in markdown
-    assert "cmexam/test.jsonl does not exist" in markdown
-    assert any("Dynamic vs static weights" in line for line in summary["findings"])
+    assert "| model | mmlu_med |" in markdown and "IFBench P-strict" in markdown
+    assert re.search(r"grpo_full minus base, kg_mcq accuracy: \+75\.0 points \(95% CI \[\+\d", markdown)
+    assert "minimum detectable effect" in markdown and "not significant" in markdown
+    assert "AOC in grpo_full: S_cos defined on 4 of 6 steps, penalty fired on 2 of them" in markdown
+    assert "| full | 4 / 6 | 2 / 4 |" in markdown
+    # kg_mcq and the held-out accuracy reward rise significantly; IFEval/IFBench have no significant loss.
+    assert ("IFBench strict): met; significant gains: kg_mcq accuracy, held-out accuracy reward; "
+            "significant losses: none.") in markdown
+    assert "cmexam/test.jsonl does not exist" in markdown and "last_logged_loss" in markdown
+    assert any(line.startswith("Dynamic vs static weights") for line in summary["findings"])
+    assert "differences" in summary["figures"]
+
+
+def test_dry_run_declares_the_report_inputs_from_the_config(tmp_path):
+    # A leftover model folder must not change the plan.
+    (tmp_path / "results" / "models" / "grpo_dwa").mkdir(parents=True)
+    result = run_snakemake("results/report/report.html", "-n", "--configfile", str(TEST_CONFIG), workdir=tmp_path)
+    plan = result.stdout + result.stderr
+    lines = plan.splitlines()
+    report_line = lines[lines.index("rule report:") + 1]
+    assert report_line.lstrip().startswith("input:")
+    for model in ("base", "grpo_full"):
+        for benchmark in ("mmlu_med", "ifeval", "kg_mcq"):
+            assert f"results/eval/{model}/{benchmark}.items.jsonl" in report_line
+            assert f"results/eval/{model}/{benchmark}.json" in report_line
+    assert "results/grpo_full/dynamics.jsonl" in report_line and "results/eval/skipped.json" in report_line
+    assert "grpo_dwa" not in plan
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium is not installed (make test installs it)")
@@ -125,15 +321,14 @@ def test_report_html_opens_in_headless_chromium_and_shows_the_figures(run_dir, t
     from PIL import Image, ImageStat
 
     out = tmp_path / "report"
-    build_report(eval_dir=str(run_dir / "eval"), results_dir=str(run_dir), out_dir=str(out),
-                 prm_metrics=str(run_dir / "prm.json"), decontamination=str(run_dir / "decontamination.json"))
+    _build(run_dir, out)
     page = (out / "report.html").resolve().as_uri()
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--virtual-time-budget=5000"]
     dom = subprocess.run(["chromium", *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     loaded = re.search(r'data-figures="(\d+)" data-figures-loaded="(\d+)"', dom.stdout)
-    assert loaded and int(loaded.group(1)) >= 5 and loaded.group(1) == loaded.group(2), dom.stdout[:500]
-    assert "<table>" in dom.stdout and "Alignment tax" in dom.stdout
+    assert loaded and int(loaded.group(1)) >= 6 and loaded.group(1) == loaded.group(2), dom.stdout[:500]
+    assert '<table class="dataframe data">' in dom.stdout and "Alignment tax" in dom.stdout and "IFBench" in dom.stdout
     shot = tmp_path / "shot.png"
     result = subprocess.run(["chromium", *flags, f"--screenshot={shot}", "--window-size=1200,3000", page],
                             capture_output=True, text=True, timeout=120)
@@ -142,3 +337,25 @@ def test_report_html_opens_in_headless_chromium_and_shows_the_figures(run_dir, t
     stat = ImageStat.Stat(image)
     assert stat.stddev[0] > 10, "the screenshot is blank"
     assert len(image.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50  # text, tables and plots, not one colour
+
+
+
+def test_the_bootstrap_of_the_differences_is_scipys_paired_bootstrap():
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    rng = np.random.default_rng(3)
+    x, y = (rng.random(300) < 0.6).astype(float), (rng.random(300) < 0.5).astype(float)
+    paired = bootstrap((x, y), lambda u, v, axis: np.mean(u - v, axis=axis), paired=True, vectorized=True,
+                       n_resamples=2000, method="percentile", rng=np.random.default_rng(0)).confidence_interval
+    diff = paired_difference(dict(enumerate(x)), dict(enumerate(y)), seed=0)
+    assert (diff["ci_low"], diff["ci_high"]) == pytest.approx((paired.low, paired.high))
+
+
+def test_the_target_is_not_judged_without_ifbench(run_dir, tmp_path):
+    # ifbench.json lies in every model folder, but it is not among the inputs.
+    summary = _build(run_dir, tmp_path / "report", benchmarks=("ifeval", "mmlu_med", "kg_mcq"))
+    target = next(line for line in summary["findings"] if line.startswith("Target"))
+    assert "cannot be judged (IFBench prompt strict not evaluated for both)" in target
+    assert any(line.startswith("grpo_full minus base, IFBench prompt strict: not computable")
+               for line in summary["findings"])

@@ -96,7 +96,8 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:
     """Lay out, write as PNG atomically (a killed job leaves no half-written figure) and close."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # a figure made with layout="constrained" keeps its own
+        fig.tight_layout()
     with atomic_file(path, mode="wb", encoding=None) as handle:
         fig.savefig(handle, format="png", dpi=dpi)
     plt.close(fig)

@@ -106,20 +106,28 @@ def benchmark_test_files(wildcards):
     return [p for p in (os.path.join(root, n, "test.jsonl") for n in names) if os.path.isfile(p)]
 
 
-def trained_variants():
-    """GRPO variants of the config plus any trained earlier (ablations, sweep) that are on disk."""
-    import re
-
-    pattern = re.compile(r"^grpo_(full|static_weights|no_prm|no_aoc|ppo|dwa|pcgrad|gradvac|g[0-9]+)$")
-    on_disk = [m.group(1) for d in sorted(os.listdir("results/models")) if (m := pattern.match(d))] \
-        if os.path.isdir("results/models") else []
-    return list(dict.fromkeys([*config["grpo"]["variants"], *on_disk]))
+# The report's inputs, from the config alone (never from what is lying in results/).
+def report_variants():
+    """The config's GRPO variants and every evaluated one (their dynamics go into the report)."""
+    evaluated = [m[len("grpo_") :] for m in eval_models() if m.startswith("grpo_")]
+    return list(dict.fromkeys([*config["grpo"]["variants"], *evaluated]))
 
 
-def report_evaluations(wildcards):
-    models = list(dict.fromkeys([*eval_models(), *[f"grpo_{v}" for v in trained_variants()]]))
-    return [f"results/eval/{m}/{b}.json" for m in models for b in config["eval"]["benchmarks"]]
+def _made_by_a_rule(path):
+    """Whether some rule of the workflow writes this file (optional stages)."""
+    return any(rule.is_producer(path) for rule in workflow.rules)
 
 
-def report_dynamics(wildcards):
-    return grpo_targets(trained_variants())
+HELDOUT_PATTERN = "results/eval/{model}/heldout_rewards.json"
+HELDOUT_ITEMS_PATTERN = "results/eval/{model}/heldout_rewards.items.jsonl"
+
+
+def report_heldout(wildcards):
+    # The held-out reward summaries, once the rule that writes them is part of the workflow.
+    files = expand(HELDOUT_PATTERN, model=eval_models())
+    return files if all(map(_made_by_a_rule, files)) else []
+
+
+def report_heldout_items(wildcards):
+    files = expand(HELDOUT_ITEMS_PATTERN, model=eval_models())
+    return files if all(map(_made_by_a_rule, files)) else []

