@@ -6,7 +6,6 @@ from snakemake.utils import validate
 
 from balancedbio.config import apply_environment_overrides, check_schema, check_semantics
 
-
 # Schema first (one short line per wrong key, then Snakemake fills the defaults), then the
 # env overrides and the checks the schema cannot express; all stop the run before any rule.
 check_schema(config, workflow.source_path("../schemas/config.schema.yaml"))
@@ -31,12 +30,13 @@ def code_digest(*relative_paths):
     digest = hashlib.sha256()
     for rel in relative_paths:
         path = os.path.join(package, rel)
-        files = sorted(
-            os.path.join(root, f)
-            for root, _, names in os.walk(path)
-            for f in names
-            if f.endswith((".py", ".yaml"))
-        ) if os.path.isdir(path) else [path]
+        files = (
+            sorted(
+                os.path.join(root, f) for root, _, names in os.walk(path) for f in names if f.endswith((".py", ".yaml"))
+            )
+            if os.path.isdir(path)
+            else [path]
+        )
         for file in files:
             with open(file, "rb") as handle:
                 digest.update(handle.read())
@@ -84,9 +84,11 @@ def training_launcher(rule_name):
     """`python` on one device, `accelerate launch` (+ DeepSpeed when configured) on several."""
     from balancedbio.launch import launch_prefix
 
-    return launch_prefix(int(rule_resources(rule_name).get("gpu", 0)),
-                         deepspeed_config=config["training"]["deepspeed_config"],
-                         bf16=config["training"]["bf16"])
+    return launch_prefix(
+        int(rule_resources(rule_name).get("gpu", 0)),
+        deepspeed_config=config["training"]["deepspeed_config"],
+        bf16=config["training"]["bf16"],
+    )
 
 
 def external_datasets():
@@ -106,20 +108,16 @@ def benchmark_test_files(wildcards):
     return [p for p in (os.path.join(root, n, "test.jsonl") for n in names) if os.path.isfile(p)]
 
 
-def trained_variants():
-    """GRPO variants of the config plus any trained earlier (ablations, sweep) that are on disk."""
-    import re
-
-    pattern = re.compile(r"^grpo_(full|static_weights|no_prm|no_aoc|ppo|dwa|pcgrad|gradvac|g[0-9]+)$")
-    on_disk = [m.group(1) for d in sorted(os.listdir("results/models")) if (m := pattern.match(d))] \
-        if os.path.isdir("results/models") else []
-    return list(dict.fromkeys([*config["grpo"]["variants"], *on_disk]))
+def report_variants():
+    """The GRPO variants the report compares: grpo.variants, from the config alone, so the plan
+    never depends on what earlier runs left in results/."""
+    return list(config["grpo"]["variants"])
 
 
 def report_evaluations(wildcards):
-    models = list(dict.fromkeys([*eval_models(), *[f"grpo_{v}" for v in trained_variants()]]))
+    models = list(dict.fromkeys([*eval_models(), *[f"grpo_{v}" for v in report_variants()]]))
     return [f"results/eval/{m}/{b}.json" for m in models for b in config["eval"]["benchmarks"]]
 
 
 def report_dynamics(wildcards):
-    return grpo_targets(trained_variants())
+    return grpo_targets(report_variants())
