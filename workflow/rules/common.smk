@@ -5,6 +5,7 @@ import os
 from snakemake.utils import validate
 
 from balancedbio.config import apply_environment_overrides, check_schema, check_semantics
+from balancedbio.versions import check_trackers, check_versions
 
 # Schema first (one short line per wrong key, then Snakemake fills the defaults), then the
 # env overrides and the checks the schema cannot express; all stop the run before any rule.
@@ -12,6 +13,12 @@ check_schema(config, workflow.source_path("../schemas/config.schema.yaml"))
 validate(config, "../schemas/config.schema.yaml", set_default=True)
 apply_environment_overrides(config, os.path.dirname(workflow.basedir))
 check_semantics(config)
+check_trackers(config["logging"]["report_to"])
+check_versions()
+# The conda env file installs the package from this checkout: Snakemake copies env files to
+# .snakemake/conda/ before creating them, so the env names the path through this variable (pip
+# expands ${BALANCEDBIO_SOURCE}); env creation runs as a child of this process and inherits it.
+os.environ["BALANCEDBIO_SOURCE"] = os.path.dirname(workflow.basedir)
 
 
 def rule_resources(rule_name):
