@@ -18,7 +18,7 @@ check_versions()
 # The conda env file installs the package from this checkout: Snakemake copies env files to
 # .snakemake/conda/ before creating them, so the env names the path through this variable (pip
 # expands ${BALANCEDBIO_SOURCE}); env creation runs as a child of this process and inherits it.
-os.environ["BALANCEDBIO_SOURCE"] = os.path.dirname(workflow.basedir)
+os.environ.update(BALANCEDBIO_SOURCE=os.path.dirname(workflow.basedir))
 
 
 def rule_resources(rule_name):
