@@ -37,10 +37,13 @@ class UnsupportedVersionError(RuntimeError):
 
 def declared_requirements(extras: Sequence[str] = ()) -> list[Requirement]:
     """The package's requirements (the runtime ones plus those of ``extras``)."""
-    if PYPROJECT.is_file():
+    try:
         import tomllib
-
-        project = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]
+    except ModuleNotFoundError:  # Python 3.10: the installed metadata below
+        tomllib = None
+    project = tomllib.loads(PYPROJECT.read_text(encoding="utf-8")).get("project", {}) \
+        if PYPROJECT.is_file() and tomllib is not None else {}
+    if project.get("name") == PACKAGE:  # a source checkout: its pyproject.toml is the truth
         lines = list(project["dependencies"])
         for extra in extras:
             lines += project.get("optional-dependencies", {}).get(extra, [])
