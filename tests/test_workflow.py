@@ -246,8 +246,11 @@ def test_dry_run_with_conda_deployment_resolves_every_rule_env(tmp_path):
         (bin_dir / "conda").chmod(0o755)
         env["PATH"] = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
     workdir = tmp_path / "run"
-    result = run_snakemake("-n", "--sdm", "conda", "--configfile", str(TEST_CONFIG), workdir=workdir, env=env)
+    result = run_snakemake("-n", "-p", "--sdm", "conda", "--configfile", str(TEST_CONFIG), workdir=workdir, env=env)
     plan = result.stdout + result.stderr
+    # Training commands use the activated env's python, not the interpreter running Snakemake.
+    commands = [line.split("Shell command:")[-1].strip() for line in plan.splitlines() if "-m balancedbio.train" in line]
+    assert commands and all(c.startswith("python -m balancedbio.train") for c in commands), commands
     envs = {line.split("Conda environment ")[1].split(" will be created")[0]
             for line in plan.splitlines() if "will be created" in line}
     assert [os.path.normpath(e) for e in envs] == [str(REPO / "workflow" / "envs" / "balancedbio.yaml")]

@@ -89,12 +89,18 @@ def grpo_targets(variants):
 
 def training_launcher(rule_name):
     """`python` on one device, `accelerate launch` (+ DeepSpeed when configured) on several."""
+    from snakemake_interface_executor_plugins.settings import DeploymentMethod
+
     from balancedbio.launch import launch_prefix
 
+    # Under --sdm conda the job's shell has the rule's env activated: its `python`, not the
+    # interpreter that runs Snakemake.
+    uses_conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
     return launch_prefix(
         int(rule_resources(rule_name).get("gpu", 0)),
         deepspeed_config=config["training"]["deepspeed_config"],
         bf16=config["training"]["bf16"],
+        python="python" if uses_conda else None,
     )
 
 
