@@ -3,6 +3,7 @@
 import os
 
 from snakemake.utils import validate
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from balancedbio.config import apply_environment_overrides, check_schema, check_semantics
 from balancedbio.versions import check_trackers, check_versions
@@ -14,7 +15,10 @@ validate(config, "../schemas/config.schema.yaml", set_default=True)
 apply_environment_overrides(config, os.path.dirname(workflow.basedir))
 check_semantics(config)
 check_trackers(config["logging"]["report_to"])
-check_versions()
+USES_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+# This process's libraries run the rules unless --sdm conda gives them their own (pinned) env.
+if not USES_CONDA:
+    check_versions()
 # The conda env file installs the package from this checkout: Snakemake copies env files to
 # .snakemake/conda/ before creating them, so the env names the path through this variable (pip
 # expands ${BALANCEDBIO_SOURCE}); env creation runs as a child of this process and inherits it.
@@ -89,18 +93,15 @@ def grpo_targets(variants):
 
 def training_launcher(rule_name):
     """`python` on one device, `accelerate launch` (+ DeepSpeed when configured) on several."""
-    from snakemake_interface_executor_plugins.settings import DeploymentMethod
-
     from balancedbio.launch import launch_prefix
 
     # Under --sdm conda the job's shell has the rule's env activated: its `python`, not the
     # interpreter that runs Snakemake.
-    uses_conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
     return launch_prefix(
         int(rule_resources(rule_name).get("gpu", 0)),
         deepspeed_config=config["training"]["deepspeed_config"],
         bf16=config["training"]["bf16"],
-        python="python" if uses_conda else None,
+        python="python" if USES_CONDA else None,
     )
 
 
