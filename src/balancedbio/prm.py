@@ -204,13 +204,18 @@ def chain_ranking(scorer: PRMScorer, chains: list[dict]) -> dict:
 
 
 def train_prm(*, steps_path: str, encoder: str, out_dir: str, metrics_path: str, checkpoint_dir: str,
-              prm_config: dict, seed: int, trust_remote_code: bool = False, callbacks: list | None = None) -> dict:
-    """Fine-tune the step classifier on the train split; metrics on the entity-held-out test split."""
+              prm_config: dict, seed: int, trust_remote_code: bool = False, callbacks: list | None = None,
+              report_to: Sequence[str] = ()) -> dict:
+    """Fine-tune the step classifier on the train split; metrics on the entity-held-out test split.
+
+    ``report_to``: trackers (config logging.report_to); TensorBoard events go to <checkpoint_dir>/../tensorboard.
+    """
     import torch
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainingArguments)
 
     from balancedbio.models import resolve_model
+    from balancedbio.tracking import keep_tensorboard_events
 
     start = time.perf_counter()
     chains = list(read_jsonl(steps_path))
@@ -247,13 +252,14 @@ def train_prm(*, steps_path: str, encoder: str, out_dir: str, metrics_path: str,
         save_strategy="steps",
         save_steps=prm_config["save_steps"],
         save_total_limit=1,
-        report_to=[],
+        report_to=list(report_to),
         seed=seed,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
     )
     trainer = Trainer(model=model, args=args, train_dataset=train_set,
                       data_collator=DataCollatorWithPadding(tokenizer), callbacks=callbacks)
+    keep_tensorboard_events(trainer, checkpoint_dir)
     resume = any(Path(checkpoint_dir).glob("checkpoint-*"))
     if resume:
         log.info("Resuming PRM training from the last checkpoint in %s", checkpoint_dir)

@@ -73,6 +73,7 @@ def run_sft(*, model_dir: str, sft_path: str, out_dir: str, metrics_path: str, l
     from balancedbio.io import write_json
     from balancedbio.checkpoints import CompletionMarker, last_complete_checkpoint
     from balancedbio.models import load_causal_lm, load_tokenizer
+    from balancedbio.tracking import keep_tensorboard_events
 
     sft, training = settings["sft"], settings["training"]
     set_seed(settings["seed"])
@@ -101,13 +102,14 @@ def run_sft(*, model_dir: str, sft_path: str, out_dir: str, metrics_path: str, l
         bf16=training["bf16"],
         gradient_checkpointing=training["gradient_checkpointing"],
         seed=settings["seed"],
-        report_to=[],
+        report_to=settings["logging"]["report_to"],
         deepspeed=training.get("deepspeed_config") if world_size > 1 else None,
         dataloader_num_workers=0,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=lora_config(training) if training["use_lora"] else None,
                          callbacks=[CompletionMarker(), *callbacks])
+    keep_tensorboard_events(trainer, checkpoint_dir)
     last = last_complete_checkpoint(checkpoint_dir)
     if last:
         log.info("resuming SFT from %s", last)
@@ -135,4 +137,4 @@ def run_sft(*, model_dir: str, sft_path: str, out_dir: str, metrics_path: str, l
 
 def sft_settings(config: dict) -> dict:
     return {"sft": config["sft"], "training": config["training"], "seed": config["seed"],
-            "trust_remote_code": config["model"]["trust_remote_code"]}
+            "trust_remote_code": config["model"]["trust_remote_code"], "logging": config["logging"]}

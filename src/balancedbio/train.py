@@ -13,6 +13,7 @@ import logging
 import os
 
 from balancedbio.logs import setup_logging
+from balancedbio.versions import check_versions
 
 log = logging.getLogger("balancedbio.train")
 
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     grpo.add_argument("--settings", required=True, help="JSON")
     args = parser.parse_args(argv)
     setup_logging(None)
+    # The rule's environment may differ from the one that planned the run (conda, a cluster node).
+    check_versions()
     settings = json.loads(args.settings)
     if args.stage == "sft":
         from balancedbio.sft import run_sft

@@ -12,6 +12,8 @@ import copy
 ABLATION_VARIANTS = ("no_prm", "no_aoc", "ppo", "dwa", "pcgrad", "gradvac")
 DEFAULT_VARIANTS = ("full", "static_weights")
 GROUP_SIZES = (4, 8, 16)
+# The one regex of the variant names: the rules' wildcard constraints and config checks use it.
+VARIANT_PATTERN = "|".join((*DEFAULT_VARIANTS, *ABLATION_VARIANTS)) + "|g[0-9]+"
 
 
 def variant_settings(config: dict, variant: str) -> dict:

@@ -3,9 +3,10 @@
 import os
 
 from snakemake.utils import validate
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from balancedbio.config import apply_environment_overrides, check_schema, check_semantics
-
+from balancedbio.versions import check_trackers, check_versions
 
 # Schema first (one short line per wrong key, then Snakemake fills the defaults), then the
 # env overrides and the checks the schema cannot express; all stop the run before any rule.
@@ -13,6 +14,15 @@ check_schema(config, workflow.source_path("../schemas/config.schema.yaml"))
 validate(config, "../schemas/config.schema.yaml", set_default=True)
 apply_environment_overrides(config, os.path.dirname(workflow.basedir))
 check_semantics(config)
+check_trackers(config["logging"]["report_to"])
+USES_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+# This process's libraries run the rules unless --sdm conda gives them their own (pinned) env.
+if not USES_CONDA:
+    check_versions()
+# The conda env file installs the package from this checkout: Snakemake copies env files to
+# .snakemake/conda/ before creating them, so the env names the path through this variable (pip
+# expands ${BALANCEDBIO_SOURCE}); env creation runs as a child of this process and inherits it.
+os.environ.update(BALANCEDBIO_SOURCE=os.path.dirname(workflow.basedir))
 
 
 def rule_resources(rule_name):
@@ -31,12 +41,13 @@ def code_digest(*relative_paths):
     digest = hashlib.sha256()
     for rel in relative_paths:
         path = os.path.join(package, rel)
-        files = sorted(
-            os.path.join(root, f)
-            for root, _, names in os.walk(path)
-            for f in names
-            if f.endswith((".py", ".yaml"))
-        ) if os.path.isdir(path) else [path]
+        files = (
+            sorted(
+                os.path.join(root, f) for root, _, names in os.walk(path) for f in names if f.endswith((".py", ".yaml"))
+            )
+            if os.path.isdir(path)
+            else [path]
+        )
         for file in files:
             with open(file, "rb") as handle:
                 digest.update(handle.read())
@@ -84,9 +95,14 @@ def training_launcher(rule_name):
     """`python` on one device, `accelerate launch` (+ DeepSpeed when configured) on several."""
     from balancedbio.launch import launch_prefix
 
-    return launch_prefix(int(rule_resources(rule_name).get("gpu", 0)),
-                         deepspeed_config=config["training"]["deepspeed_config"],
-                         bf16=config["training"]["bf16"])
+    # Under --sdm conda the job's shell has the rule's env activated: its `python`, not the
+    # interpreter that runs Snakemake.
+    return launch_prefix(
+        int(rule_resources(rule_name).get("gpu", 0)),
+        deepspeed_config=config["training"]["deepspeed_config"],
+        bf16=config["training"]["bf16"],
+        python="python" if USES_CONDA else None,
+    )
 
 
 def external_datasets():

@@ -1,8 +1,10 @@
 # Stage 6: every model of the run on every benchmark, through the lm-eval harness.
 
+from balancedbio.variants import VARIANT_PATTERN
+
 
 wildcard_constraints:
-    model="base|sft|grpo_[a-z0-9_]+",
+    model=f"base|sft|grpo_(?:{VARIANT_PATTERN})",
     benchmark="mmlu_med|medqa|cmexam|ifeval|kg_mcq",
 
 
@@ -16,21 +18,21 @@ rule evaluate:
     output:
         result="results/eval/{model}/{benchmark}.json",
         predictions="results/eval/{model}/{benchmark}.items.jsonl",
+    log:
+        "logs/evaluate/{model}_{benchmark}.log",
+    benchmark:
+        "benchmarks/evaluate/{model}_{benchmark}.tsv"
+    conda:
+        "../envs/balancedbio.yaml"
+    threads: rule_resources("evaluate")["cpus_per_task"]
+    resources:
+        **rule_resources("evaluate"),
     params:
         settings=config["eval"],
         benchmarks_dir=config["benchmarks_dir"],
         seed=config["seed"],
         trust_remote_code=config["model"]["trust_remote_code"],
         code=code_digest("evaluation.py", "eval_tasks", "answers.py", "models.py"),
-    log:
-        "logs/evaluate/{model}_{benchmark}.log",
-    benchmark:
-        "benchmarks/evaluate/{model}_{benchmark}.tsv"
-    threads: rule_resources("evaluate")["cpus_per_task"]
-    resources:
-        **rule_resources("evaluate"),
-    conda:
-        "../envs/balancedbio.yaml"
     script:
         "../scripts/evaluate.py"
 

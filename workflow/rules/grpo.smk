@@ -3,11 +3,11 @@
 
 import json
 
-from balancedbio.variants import ABLATION_VARIANTS, GROUP_SIZES, variant_settings
+from balancedbio.variants import ABLATION_VARIANTS, GROUP_SIZES, VARIANT_PATTERN, variant_settings
 
 
 wildcard_constraints:
-    variant="full|static_weights|no_prm|no_aoc|ppo|dwa|pcgrad|gradvac|g[0-9]+",
+    variant=VARIANT_PATTERN,
 
 
 rule grpo:
@@ -20,24 +20,29 @@ rule grpo:
     output:
         model=directory("results/models/grpo_{variant}"),
         dynamics="results/grpo_{variant}/dynamics.jsonl",
-        figure=report("results/grpo_{variant}/dynamics.png", caption="../report/grpo.rst",
-                      category="GRPO", subcategory="{variant}"),
+        figure=report(
+            "results/grpo_{variant}/dynamics.png",
+            caption="../report/grpo.rst",
+            category="GRPO",
+            subcategory="{variant}",
+        ),
+    log:
+        "logs/grpo_{variant}.log",
+    benchmark:
+        "benchmarks/grpo_{variant}.tsv"
+    conda:
+        "../envs/balancedbio.yaml"
+    threads: rule_resources("grpo")["cpus_per_task"]
+    resources:
+        **rule_resources("grpo"),
     params:
         launch=training_launcher("grpo"),
         settings=lambda wc: json.dumps(variant_settings(config, wc.variant), sort_keys=True),
         prm=lambda wc, input: f"--prm {input.prm}" if input.prm else "",
         checkpoints="results/grpo_{variant}/checkpoints",
-        code=code_digest("grpo.py", "ppo.py", "aoc.py", "weights.py", "rewards.py", "prm.py", "train.py",
-                         "checkpoints.py"),
-    log:
-        "logs/grpo_{variant}.log",
-    benchmark:
-        "benchmarks/grpo_{variant}.tsv"
-    threads: rule_resources("grpo")["cpus_per_task"]
-    resources:
-        **rule_resources("grpo"),
-    conda:
-        "../envs/balancedbio.yaml"
+        code=code_digest(
+            "grpo.py", "ppo.py", "aoc.py", "weights.py", "rewards.py", "prm.py", "train.py", "checkpoints.py"
+        ),
     shell:
         "{params.launch} -m balancedbio.train grpo --model {input.model} --mcq {input.mcq}"
         " --prompts {input.prompts} {params.prm} --out {output.model} --dynamics {output.dynamics}"

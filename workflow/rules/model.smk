@@ -5,6 +5,15 @@
 rule prepare_model:
     output:
         directory("results/models/base"),
+    log:
+        "logs/prepare_model.log",
+    benchmark:
+        "benchmarks/prepare_model.tsv"
+    conda:
+        "../envs/balancedbio.yaml"
+    threads: rule_resources("prepare_model")["cpus_per_task"]
+    resources:
+        **rule_resources("prepare_model"),
     params:
         source=config["model"]["source"],
         revision=config["model"]["revision"],
@@ -12,14 +21,5 @@ rule prepare_model:
         trust_remote_code=config["model"]["trust_remote_code"],
         chat_template=config["model"]["chat_template"],
         code=code_digest("models.py", "io.py"),
-    log:
-        "logs/prepare_model.log",
-    benchmark:
-        "benchmarks/prepare_model.tsv"
-    threads: rule_resources("prepare_model")["cpus_per_task"]
-    resources:
-        **rule_resources("prepare_model"),
-    conda:
-        "../envs/balancedbio.yaml"
     script:
         "../scripts/prepare_model.py"

@@ -12,6 +12,7 @@ rule train_prm:
         confusion=report("results/prm/confusion_matrix.png", caption="../report/prm.rst", category="PRM"),
     params:
         prm=config["prm"],
+        logging=config["logging"],
         seed=config["seed"],
         checkpoints="results/prm/checkpoints",
         code=code_digest("prm.py"),

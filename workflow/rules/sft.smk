@@ -13,21 +13,21 @@ rule sft:
         model=directory("results/models/sft"),
         metrics=report("results/sft/metrics.json", caption="../report/sft.rst", category="SFT"),
         loss_plot=report("results/sft/loss.png", caption="../report/sft.rst", category="SFT"),
+    log:
+        "logs/sft.log",
+    benchmark:
+        "benchmarks/sft.tsv"
+    conda:
+        "../envs/balancedbio.yaml"
+    threads: rule_resources("sft")["cpus_per_task"]
+    resources:
+        **rule_resources("sft"),
     params:
         launch=training_launcher("sft"),
         settings=json.dumps(sft_settings(config), sort_keys=True),
         # Not an output: Snakemake would delete it before a rerun, and resuming needs it.
         checkpoints="results/sft/checkpoints",
         code=code_digest("sft.py", "grpo.py", "models.py", "train.py", "checkpoints.py"),
-    log:
-        "logs/sft.log",
-    benchmark:
-        "benchmarks/sft.tsv"
-    threads: rule_resources("sft")["cpus_per_task"]
-    resources:
-        **rule_resources("sft"),
-    conda:
-        "../envs/balancedbio.yaml"
     shell:
         "{params.launch} -m balancedbio.train sft --model {input.model} --data {input.data}"
         " --out {output.model} --metrics {output.metrics} --loss-plot {output.loss_plot}"

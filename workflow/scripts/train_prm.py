@@ -9,5 +9,6 @@ params = snakemake.params.prm
 metrics = train_prm(steps_path=snakemake.input.steps,
                     encoder=params["encoder"], out_dir=snakemake.output.model,
                     metrics_path=snakemake.output.metrics, checkpoint_dir=snakemake.params.checkpoints,
-                    prm_config=params, seed=snakemake.params.seed, trust_remote_code=params["trust_remote_code"])
+                    prm_config=params, seed=snakemake.params.seed, trust_remote_code=params["trust_remote_code"],
+                    report_to=snakemake.params.logging["report_to"])
 plot_confusion(metrics, snakemake.output.confusion)
