@@ -1,0 +1,82 @@
+"""Faults and bad input (issue 17): kills, stale checkpoints, two trainers, broken files.
+
+The kill tests run a real trainer (tests/fault_sft_job.py: run_sft on a 2-layer random Llama)
+in a subprocess and SIGKILL it between checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from balancedbio.checkpoints import CheckpointFolderBusy, hold_checkpoint_folder
+
+JOB = Path(__file__).with_name("fault_sft_job.py")
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _start(workdir: Path, learning_rate: float, seconds_per_step: float) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.Popen([sys.executable, str(JOB), str(workdir), str(learning_rate), str(seconds_per_step)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+
+def _written_by(marker: Path, learning_rate: float) -> bool:
+    try:
+        return json.loads(marker.read_text())["fingerprint"]["settings"]["sft"]["learning_rate"] == learning_rate
+    except (OSError, ValueError):
+        return False
+
+
+def _kill_after_checkpoint(job: subprocess.Popen, workdir: Path, step: int, learning_rate: float) -> None:
+    """SIGKILL ``job`` once it has completely saved ``checkpoint-<step>`` itself (not an older run)."""
+    marker = workdir / "checkpoints" / f"checkpoint-{step}" / ".complete"
+    deadline = time.time() + 240
+    while not _written_by(marker, learning_rate):
+        assert job.poll() is None, (workdir / "job.log").read_text()[-3000:]
+        assert time.time() < deadline, f"no checkpoint-{step} within 4 minutes"
+        time.sleep(0.1)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert not (workdir / "out").exists(), "the job finished before it was killed"
+
+
+def test_stale_checkpoint_is_not_resumed_and_a_second_trainer_is_refused(tmp_path):
+    # 1. lr 1e-3, killed after checkpoint-2. While it runs, a second trainer may not claim the folder.
+    first = _start(tmp_path, 1e-3, 0.2)
+    lock = tmp_path / "checkpoints" / ".trainer.lock"
+    deadline = time.time() + 240
+    while not (tmp_path / "checkpoints" / "checkpoint-1" / ".complete").exists():
+        assert first.poll() is None and time.time() < deadline, (tmp_path / "job.log").read_text()[-3000:]
+        time.sleep(0.1)
+    with pytest.raises(CheckpointFolderBusy, match=rf"in use by another trainer \(pid {first.pid}\)"):
+        hold_checkpoint_folder(tmp_path / "checkpoints")
+    assert lock.read_text().strip() == str(first.pid)
+    _kill_after_checkpoint(first, tmp_path, 2, 1e-3)
+    recorded = json.loads((tmp_path / "checkpoints" / "checkpoint-2" / ".complete").read_text())
+    assert recorded["fingerprint"]["settings"]["sft"]["learning_rate"] == 1e-3
+    assert len(recorded["fingerprint"]["inputs"]["model"]) == 64  # a SHA-256 of the folder's bytes
+
+    # 2. lr changed: the old checkpoints are not resumed; the log names the field. Killed again.
+    second = _start(tmp_path, 2e-3, 0.2)
+    _kill_after_checkpoint(second, tmp_path, 2, 2e-3)
+    log = (tmp_path / "job.log").read_text()
+    assert "not resuming from" in log and "settings.sft.learning_rate: 0.001 -> 0.002" in log
+    assert "resuming SFT" not in log
+    recorded = json.loads((tmp_path / "checkpoints" / "checkpoint-2" / ".complete").read_text())
+    assert recorded["fingerprint"]["settings"]["sft"]["learning_rate"] == 2e-3
+
+    # 3. Same settings again: resumes its own checkpoint-2 and finishes.
+    third = _start(tmp_path, 2e-3, 0.0)
+    assert third.wait(timeout=240) == 0, (tmp_path / "job.log").read_text()[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["resumed_from"] == str(tmp_path / "checkpoints" / "checkpoint-2")
+    assert metrics["global_step"] == 6
+    assert "resuming SFT from" in (tmp_path / "job.log").read_text()
