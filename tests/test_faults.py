@@ -80,3 +80,20 @@ def test_stale_checkpoint_is_not_resumed_and_a_second_trainer_is_refused(tmp_pat
     assert metrics["resumed_from"] == str(tmp_path / "checkpoints" / "checkpoint-2")
     assert metrics["global_step"] == 6
     assert "resuming SFT from" in (tmp_path / "job.log").read_text()
+
+
+def test_one_bad_byte_costs_its_line_not_the_ingest_dataset(tmp_path, caplog):
+    from balancedbio.data.pipeline import ingest_dataset
+
+    rows = [json.dumps({"question": f"Which organ {i}?", "options": ["Liver", "Pancreas"], "answer": 1}).encode()
+            for i in range(6)]
+    rows[3] = rows[3].replace(b"organ", b"org\xffan")
+    path = tmp_path / "six.jsonl"
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    spec = {"name": "six", "source": str(path), "schema": "mcq"}
+    with caplog.at_level("WARNING"):
+        status = ingest_dataset(spec, tmp_path / "rows.jsonl", tmp_path / "status.json")
+    assert status["status"] == "ok" and status["rows"] == 5 and status["malformed_rows"] == 1
+    assert status["malformed_examples"] == [f"{path}:4: not valid UTF-8 (byte 0xff at column 24)"]
+    assert f"{path}:4" in caplog.text
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 5
