@@ -97,3 +97,21 @@ def test_one_bad_byte_costs_its_line_not_the_ingest_dataset(tmp_path, caplog):
     assert status["malformed_examples"] == [f"{path}:4: not valid UTF-8 (byte 0xff at column 24)"]
     assert f"{path}:4" in caplog.text
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 5
+
+
+def test_a_failing_script_rule_writes_its_traceback_to_its_own_log(tmp_path):
+    # The rule's script in a fresh interpreter, as Snakemake's `script:` runs it (the global
+    # `snakemake` object is what Snakemake's preamble defines).
+    script = Path(__file__).resolve().parents[1] / "workflow" / "scripts" / "ingest.py"
+    log = tmp_path / "logs" / "ingest_gone.log"
+    spec = {"name": "gone", "source": str(tmp_path / "missing.jsonl"), "schema": "mcq", "required": True}
+    code = ("import runpy, types\n"
+            f"sm = types.SimpleNamespace(log=[{str(log)!r}], params=types.SimpleNamespace(spec={spec!r}),"
+            f" output=types.SimpleNamespace(rows={str(tmp_path / 'r.jsonl')!r}, status={str(tmp_path / 's.json')!r}))\n"
+            f"runpy.run_path({str(script)!r}, init_globals={{'snakemake': sm}}, run_name='__main__')\n")
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode != 0
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text
+    assert f"failed: DatasetUnavailable: dataset 'gone': local file '{spec['source']}' does not exist" in text

@@ -2,11 +2,11 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from balancedbio.logs import setup_logging
+from balancedbio.logs import setup_rule_logging
 from balancedbio.report import build_report
 
 snakemake = globals()["snakemake"]
-log = setup_logging(snakemake.log[0])
+log = setup_rule_logging(snakemake.log[0])
 
 
 def _version(name):
