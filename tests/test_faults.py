@@ -115,3 +115,39 @@ def test_a_failing_script_rule_writes_its_traceback_to_its_own_log(tmp_path):
     text = log.read_text()
     assert "Traceback (most recent call last)" in text
     assert f"failed: DatasetUnavailable: dataset 'gone': local file '{spec['source']}' does not exist" in text
+
+
+def test_gpu_lock_files_do_not_follow_planted_links_and_live_in_a_private_folder(tmp_path):
+    from balancedbio.gpu_slots import claim
+
+    lock_dir = tmp_path / "locks"
+    gpus, handles = claim(1, total=1, lock_dir=lock_dir)
+    assert gpus == [0] and (lock_dir.stat().st_mode & 0o777) == 0o700
+    for handle in handles:
+        handle.close()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (lock_dir / "gpu0.lock").unlink()
+    (lock_dir / "gpu0.lock").symlink_to(victim)
+    with pytest.raises(RuntimeError, match="is a symbolic link; refusing to follow it"):
+        claim(1, total=1, lock_dir=lock_dir, timeout_s=0)
+    assert victim.read_text() == "precious"
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(RuntimeError, match="must be a folder owned by you with mode 0700"):
+        claim(1, total=1, lock_dir=shared, timeout_s=0)
+
+
+def test_atomic_outputs_get_the_users_umask_not_owner_only(tmp_path):
+    from balancedbio.io import atomic_dir, write_json
+
+    previous = os.umask(0o022)
+    try:
+        write_json(tmp_path / "result.json", {"ok": 1})
+        with atomic_dir(tmp_path / "model") as folder:
+            (folder / "weights").write_text("w")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "result.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
