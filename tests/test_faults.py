@@ -151,3 +151,37 @@ def test_atomic_outputs_get_the_users_umask_not_owner_only(tmp_path):
         os.umask(previous)
     assert (tmp_path / "result.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_library_logging_a_huge_completion_is_cut_in_the_rule_log(tmp_path):
+    import logging
+
+    from balancedbio.logs import setup_logging
+
+    log_file = tmp_path / "rule.log"
+    setup_logging(log_file)
+    try:
+        from lm_eval.tasks.ifeval.instructions import ResponseLanguageChecker
+
+        checker = ResponseLanguageChecker("task")
+        checker.build_description(language="en")
+        completion = "1234567890 " * 2_000  # 22 kB that langdetect cannot classify
+        assert checker.check_following(completion)  # lm-eval counts it as followed, and logs the text
+    finally:
+        logging.shutdown()
+        setup_logging(None)
+    text = log_file.read_text()
+    assert "Unable to detect language" in text and "more characters]" in text
+    assert len(text) < 5_000
+
+
+def test_a_torn_last_dynamics_line_is_dropped_with_a_warning_on_resume(tmp_path, caplog):
+    from balancedbio.grpo import truncate_dynamics
+
+    path = tmp_path / "dynamics.jsonl"
+    lines = [json.dumps({"step": step, "loss": 0.1 * step}) for step in (1, 2, 3)]
+    path.write_text("\n".join(lines) + "\n" + '{"step": 4, "lo', encoding="utf-8")  # killed mid-write
+    with caplog.at_level("WARNING"):
+        truncate_dynamics(path, last_step=2)
+    assert path.read_text(encoding="utf-8") == lines[0] + "\n" + lines[1] + "\n"
+    assert f"{path}:4: dropping a torn or malformed line" in caplog.text
