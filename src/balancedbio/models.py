@@ -169,6 +169,9 @@ def _hub_kwargs(resolved: ResolvedModel, revision: str | None, trust_remote_code
 
 
 def _explain_load_failure(resolved: ResolvedModel, err: Exception) -> ModelResolutionError:
+    if resolved.kind == "hub" and "safetensors" in str(err):
+        return ModelResolutionError(f"Hub model '{resolved.location}' has no safetensors weights at this revision; "
+                                    "pickled *.bin weights are refused (they can run code when loaded).")
     if resolved.kind == "hub":
         why = (
             "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
