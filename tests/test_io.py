@@ -58,7 +58,7 @@ def test_a_non_utf8_line_is_named_by_file_line_and_byte(tmp_path):
     path.write_bytes(b'{"a": 1}\n{"a": 2}\n{"a": "caf\xe9"}\n')
     rows = read_jsonl(path)
     assert next(rows) == {"a": 1} and next(rows) == {"a": 2}  # the lines before the bad one still read
-    with pytest.raises(DataFormatError, match=rf"{path}:3: not valid UTF-8 \(byte 0xe9 at column 12\)"):
+    with pytest.raises(DataFormatError, match=rf"{path}:3: not valid UTF-8 \(byte 0xe9 at column 11\)"):
         next(rows)
 
 
