@@ -185,3 +185,25 @@ def test_a_torn_last_dynamics_line_is_dropped_with_a_warning_on_resume(tmp_path,
         truncate_dynamics(path, last_step=2)
     assert path.read_text(encoding="utf-8") == lines[0] + "\n" + lines[1] + "\n"
     assert f"{path}:4: dropping a torn or malformed line" in caplog.text
+
+
+def test_fingerprint_sees_changed_bytes_behind_an_unchanged_size_and_mtime(tmp_path):
+    from balancedbio.checkpoints import fingerprint_differences, training_fingerprint
+
+    model, data = tmp_path / "model", tmp_path / "data.jsonl"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"\x01" * 64)
+    data.write_text('{"q": "a"}\n')
+    settings = {"sft": {"learning_rate": 1e-4, "save_steps": 5, "logging_steps": 1}, "seed": 0}
+    before = training_fingerprint(settings, {"model": model, "data": data})
+    stat = (model / "model.safetensors").stat()
+    (model / "model.safetensors").write_bytes(b"\x02" * 64)  # same size; mtime put back below
+    os.utime(model / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    # How often a run saves or logs does not change what it learns: not a reason to start over.
+    later = {"sft": {"learning_rate": 1e-4, "save_steps": 1, "logging_steps": 10}, "seed": 0}
+    after = training_fingerprint(later, {"model": model, "data": data})
+    assert fingerprint_differences(before, after) == ["inputs.model: its contents changed"]
+    assert fingerprint_differences(before, training_fingerprint(settings, {"model": tmp_path / "gone",
+                                                                           "data": data}))
+    assert fingerprint_differences(None, after) == ["the checkpoint records no fingerprint "
+                                                    "(written by an older version)"]
