@@ -207,3 +207,44 @@ def test_fingerprint_sees_changed_bytes_behind_an_unchanged_size_and_mtime(tmp_p
                                                                            "data": data}))
     assert fingerprint_differences(None, after) == ["the checkpoint records no fingerprint "
                                                     "(written by an older version)"]
+
+
+def test_grpo_does_not_resume_a_checkpoint_of_other_settings_and_names_them(tmp_path, caplog):
+    # Issue 17.1's case: a checkpoint of a run with another learning rate and AOC mode lies in
+    # the folder; the rerun must start over (not "resuming full from checkpoint-2").
+    from fault_sft_job import build_inputs
+
+    from balancedbio.checkpoints import training_fingerprint
+    from balancedbio.config import load_config
+    from balancedbio.grpo import run_grpo
+    from balancedbio.variants import variant_settings
+
+    build_inputs(tmp_path)
+    mcq, prompts = tmp_path / "mcq.jsonl", tmp_path / "prompts.jsonl"
+    mcq.write_text(json.dumps({"id": "m1", "question": "w1 w2", "options": {"A": "w3", "B": "w4"},
+                               "answer": "A"}) + "\n")
+    prompts.write_text(json.dumps({"key": 1, "prompt": "w5 w6", "instruction_id_list": ["punctuation:no_comma"],
+                                   "kwargs": [{}]}) + "\n")
+    config = load_config(Path(__file__).resolve().parents[1] / ".test" / "config" / "config.yaml")
+    settings = variant_settings(config, "no_prm")
+    settings["grpo"].update(max_steps=1, save_steps=1, max_completion_length=4, rollout_weights="policy",
+                            learning_rate=7.5e-5)
+    inputs = {"model": tmp_path / "model", "mcq": mcq, "prompts": prompts, "prm": None}
+    stale = tmp_path / "checkpoints" / "checkpoint-2"
+    stale.mkdir(parents=True)
+    # The marker CompletionMarker writes: the old run's fingerprint.
+    (stale / ".complete").write_text(json.dumps({"step": 2, "fingerprint": training_fingerprint(settings, inputs)}))
+    (tmp_path / "checkpoints" / "dynamics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+
+    settings["grpo"]["learning_rate"] = 0.03
+    settings["aoc"]["mode"] = "off"
+    with caplog.at_level("INFO"):
+        summary = run_grpo(model_dir=str(tmp_path / "model"), mcq_path=str(mcq), prompts_path=str(prompts),
+                           prm_dir=None, out_dir=str(tmp_path / "out"), dynamics_path=str(tmp_path / "d.jsonl"),
+                           checkpoint_dir=str(tmp_path / "checkpoints"), settings=settings)
+    assert f"not resuming from {stale}" in caplog.text
+    assert "settings.aoc.mode: 'penalty' -> 'off'" in caplog.text
+    assert "settings.grpo.learning_rate: 7.5e-05 -> 0.03" in caplog.text
+    assert "resuming no_prm" not in caplog.text
+    assert summary["resumed_from"] is None and summary["global_step"] == 1
+    assert [json.loads(line)["step"] for line in (tmp_path / "d.jsonl").read_text().splitlines()] == [1]
