@@ -71,3 +71,36 @@ def test_rollout_copy_with_vllm_is_refused(tmp_path):
 def test_unknown_rollout_weights_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"grpo\.rollout_weights: 'fp16' is not one of"):
         load_config(_write(tmp_path, {"grpo": {"rollout_weights": "fp16"}}))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # Each used to pass the config check and fail late or silently (issue 17.8).
+    ({"training": {"max_length": 16}}, r"training\.max_length: 16 is less than the minimum of 128"),
+    ({"instruct": {"min_instructions": 3, "max_instructions": 1}},
+     r"instruct\.min_instructions: 3 is more than instruct\.max_instructions: 1"),
+    ({"sft_data": {"min_instructions": 4, "max_instructions": 2}},
+     r"sft_data\.min_instructions: 4 is more than sft_data\.max_instructions: 2"),
+    ({"grpo": {"prompts_per_step": 8, "max_prompts": 2}},
+     r"grpo\.prompts_per_step: 8 distinct prompts per step, but grpo\.max_prompts: 2"),
+    ({"grpo": {"prompts_per_step": 8}, "instruct": {"num_prompts": 3}},
+     r"grpo\.prompts_per_step: 8 needs 4 instruction prompts per step, but instruct\.num_prompts is 3"),
+])
+def test_cross_field_mistakes_are_named_at_config_time(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, overrides))
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"pytorch_model.bin": b"pickle"}, r"holds only pickled weights \(pytorch_model\.bin\)"),
+    ({}, r"has no weights \(no \*\.safetensors file\)"),
+])
+@pytest.mark.parametrize("key", ["model.source", "prm.encoder"])
+def test_model_folder_without_safetensors_is_refused_at_config_time(tmp_path, files, message, key):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    section, field = key.split(".")
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', chr(92) + '.')}: Model folder '.*model' {message}"):
+        load_config(_write(tmp_path, {section: {field: str(folder)}}))

@@ -132,3 +132,45 @@ def test_vllm_backend_says_what_is_missing_on_a_machine_without_it():
         language_model("unused", {**SETTINGS, "backend": "vllm"})
     with pytest.raises(ValueError, match="unknown eval.backend"):
         language_model("unused", {**SETTINGS, "backend": "tgi"})
+
+
+def _medqa_row(i, answer):
+    return {"id": f"q{i}", "question": f"Question {i}?", "answer": answer,
+            "options": {"A": f"Dopamine {i}", "B": f"Adrenaline {i}", "C": f"Cortisol {i}", "D": f"Bradykinin {i}"}}
+
+
+def test_answers_given_as_option_text_index_or_letter_map_to_the_right_key(tmp_path):
+    # Issue 17.2: the first character of the option text ("Bradykinin" is option D) was taken as
+    # the key, so a file of option-text answers was scored against wrong keys. Truth: D, B, C, C, B.
+    answers = ["Bradykinin 0", "Adrenaline 1", "C", 2, "1"]
+    (tmp_path / "medqa").mkdir()
+    (tmp_path / "medqa" / "test.jsonl").write_text(
+        "".join(json.dumps(_medqa_row(i, a)) + "\n" for i, a in enumerate(answers)), encoding="utf-8")
+    source = locate(BENCHMARKS["medqa"], str(tmp_path))
+    [task] = build_tasks(_task_manager(), task_specs(BENCHMARKS["medqa"], source, SETTINGS))
+    assert [doc["answer"] for doc in task.eval_docs] == ["D", "B", "C", "C", "B"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"ROW0\nROW1\n{\"id\": \"q2\", \"question\": \"x\",,}\n", r"medqa/test.jsonl:3: not valid JSON"),
+    (b"", r"medqa/test.jsonl: the file is empty"),
+    (b"ROW0\n{\"id\": \"q1\", \"question\": \"caf\xff\"}\n", r"medqa/test.jsonl:2: not valid UTF-8 \(byte 0xff"),
+    (b"ROW0\nROW_EMPTY\n", r"medqa/test.jsonl:2: answer '' is neither one of the letters A, B, C, D"),
+    (b"ROW_SEVEN\n", r"medqa/test.jsonl:1: answer index 7 is out of range for 4 options"),
+    (b"ROW0\nROW_TEXT\n", r"medqa/test.jsonl:2: answer 'epsilon' is neither"),
+])
+def test_a_bad_benchmark_file_fails_with_one_line_naming_file_line_and_fault(tmp_path, content, message):
+    from balancedbio.io import DataFormatError
+
+    rows = {b"ROW0": _medqa_row(0, "A"), b"ROW1": _medqa_row(1, "B"), b"ROW_EMPTY": _medqa_row(1, ""),
+            b"ROW_SEVEN": _medqa_row(0, "7"), b"ROW_TEXT": _medqa_row(1, "epsilon")}
+    for key, row in rows.items():
+        content = content.replace(key, json.dumps(row).encode())
+    (tmp_path / "medqa").mkdir()
+    (tmp_path / "medqa" / "test.jsonl").write_bytes(content)
+    with pytest.raises(DataFormatError, match=message) as caught:
+        evaluate_benchmark(model_dir="never-loaded", model_name="base", benchmark_name="medqa",
+                           benchmarks_dir=str(tmp_path), settings=SETTINGS, out_json=str(tmp_path / "r.json"),
+                           out_items=str(tmp_path / "r.items.jsonl"))
+    assert "\n" not in str(caught.value) and str(tmp_path) in str(caught.value)
+    assert not (tmp_path / "r.json").exists()

@@ -51,3 +51,21 @@ def test_save_figure_writes_a_png_atomically(tmp_path):
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in target.parent.iterdir()] == ["line.png"], "no temporary file left behind"
     assert not plt.get_fignums(), "the figure is closed"
+
+
+def test_a_non_utf8_line_is_named_by_file_line_and_byte(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"a": 1}\n{"a": 2}\n{"a": "caf\xe9"}\n')
+    rows = read_jsonl(path)
+    assert next(rows) == {"a": 1} and next(rows) == {"a": 2}  # the lines before the bad one still read
+    with pytest.raises(DataFormatError, match=rf"{path}:3: not valid UTF-8 \(byte 0xe9 at column 11\)"):
+        next(rows)
+
+
+def test_an_empty_file_is_named_when_rows_are_required(tmp_path):
+    from balancedbio.io import read_jsonl_rows
+
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(DataFormatError, match=rf"{path}: the file is empty"):
+        read_jsonl_rows(path)

@@ -123,3 +123,24 @@ def test_prepared_model_is_trainable(prepared_model_dir):
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads[:5])
+
+
+def test_hub_models_load_only_safetensors_and_the_nli_judge_honours_its_revision(tmp_path):
+    # A real (offline) Hugging Face cache with three commits of an NLI model and a policy model
+    # that ships only pytorch_model.bin; the loaders run in a fresh interpreter that reads it.
+    import os
+    import subprocess
+    import sys
+
+    job = Path(__file__).with_name("fault_hub_job.py")
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, str(job), str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome["nli_main"] == 0  # refs/main: "entailment" is label 0
+    assert outcome["nli_pinned"] == 2  # the pinned commit orders its labels differently
+    refused = "has no safetensors weights at this revision; pickled *.bin weights are refused"
+    assert refused in outcome["nli_pickled"] and refused in outcome["policy_pickled"]

@@ -98,13 +98,39 @@ def check_semantics(config: dict[str, Any]) -> None:
                 f"aoc.mode: {config['aoc']['mode']} needs each rank's whole gradient of the trainable weights, "
                 f"which DeepSpeed ZeRO-3 ({ds_config}) shards away; use ZeRO-2 "
                 "(config/deepspeed_zero2.json) or set aoc.mode: off.")
+    _check_local_model(config.get("prm", {}).get("encoder"), "prm.encoder")
+    for section in ("instruct", "sft_data"):
+        low, high = config.get(section, {}).get("min_instructions"), config.get(section, {}).get("max_instructions")
+        if low is not None and high is not None and low > high:
+            raise ConfigError(f"{section}.min_instructions: {low} is more than {section}.max_instructions: {high}; "
+                              "each prompt draws between min and max instructions.")
     grpo = config.get("grpo", {})
-    if grpo.get("prompts_per_step", 2) % 2:
-        raise ConfigError(f"grpo.prompts_per_step: {grpo['prompts_per_step']} cannot split evenly between the "
+    per_step = grpo.get("prompts_per_step", 2)
+    if grpo.get("max_prompts") is not None and per_step > grpo["max_prompts"]:
+        raise ConfigError(f"grpo.prompts_per_step: {per_step} distinct prompts per step, but grpo.max_prompts: "
+                          f"{grpo['max_prompts']} keeps only that many, so every step would repeat prompts; raise "
+                          "max_prompts or lower prompts_per_step.")
+    instruction_prompts = config.get("instruct", {}).get("num_prompts")
+    if instruction_prompts is not None and per_step // 2 > instruction_prompts:
+        raise ConfigError(f"grpo.prompts_per_step: {per_step} needs {per_step // 2} instruction prompts per step, "
+                          f"but instruct.num_prompts is {instruction_prompts}.")
+    if per_step % 2:
+        raise ConfigError(f"grpo.prompts_per_step: {per_step} cannot split evenly between the "
                           "medical and the instruction prompts; use an even number.")
     if grpo.get("use_vllm") and grpo.get("rollout_weights", "policy") != "policy":
         raise ConfigError(f"grpo.rollout_weights: {grpo['rollout_weights']} selects a transformers sampling copy, "
                           "but grpo.use_vllm is true and vLLM samples; set rollout_weights: policy.")
+
+
+def _check_local_model(source: str | None, key: str) -> None:
+    """A local model folder must hold safetensors weights (checked here, before any rule runs)."""
+    from balancedbio.models import _looks_like_path
+
+    if source and (_looks_like_path(source) or Path(source).expanduser().is_dir()):
+        try:
+            resolve_model(source)
+        except ModelResolutionError as err:
+            raise ConfigError(f"{key}: {err}") from None
 
 
 def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None,

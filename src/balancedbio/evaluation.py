@@ -92,9 +92,26 @@ def locate(benchmark: Benchmark, benchmarks_dir: str | None, kg_test_file: str |
     return {"kind": "hub", "dataset": benchmark.hub}
 
 
+def check_local_file(path: str, kind: str) -> list[dict]:
+    """The rows of a local benchmark file; a bad file raises one line naming file, line and fault."""
+    from balancedbio.eval_tasks.utils import normalize
+    from balancedbio.io import DataFormatError, read_jsonl_rows
+
+    rows = []
+    for line_number, row in read_jsonl_rows(path):
+        try:
+            if kind == "mcq":
+                normalize(row)
+            elif not isinstance(row.get("prompt"), str) or not isinstance(row.get("instruction_id_list"), list):
+                raise ValueError("an IFEval row needs a string 'prompt' and a list 'instruction_id_list'")
+        except ValueError as err:
+            raise DataFormatError(f"{path}:{line_number}: {err}") from None
+        rows.append(row)
+    return rows
+
+
 def _count_local_docs(task: str, test_file: str) -> int:
-    with open(test_file, encoding="utf-8") as handle:
-        rows = [json.loads(line) for line in handle if line.strip()]
+    rows = check_local_file(test_file, "ifeval" if task == "bb_ifeval" else "mcq")
     if task.startswith("bb_mmlu_med_"):
         subject = task[len("bb_mmlu_med_"):]
         rows = [r for r in rows if r.get("subject") == subject]
@@ -229,6 +246,10 @@ def evaluate_benchmark(*, model_dir: str, model_name: str, benchmark_name: str, 
         write_json(out_json, result)
         write_jsonl(out_items, [])
         return result
+
+    if source["kind"] == "local":  # a bad file fails here, naming its line, not deep inside lm-eval
+        for path in filter(None, (source["test"], source.get("dev"))):
+            check_local_file(path, benchmark.kind)
 
     import lm_eval
 

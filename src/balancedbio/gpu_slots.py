@@ -10,14 +10,40 @@ GPU ids through lock files (released when the process ends, even if it is killed
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-LOCK_DIR = Path(os.environ.get("BALANCEDBIO_GPU_LOCK_DIR", "/tmp/balancedbio-gpu-locks"))
+# Private to the user (0700): in a shared, world-writable folder another user could plant a
+# symlink named like a lock file and have it truncate or lock a file of theirs choosing.
+LOCK_DIR = Path(os.environ.get("BALANCEDBIO_GPU_LOCK_DIR", f"/tmp/balancedbio-gpu-locks-{os.getuid()}"))
+
+
+def private_lock_dir(lock_dir: Path) -> Path:
+    """Create ``lock_dir`` owner-only, or check that the existing one is a real folder of ours, 0700."""
+    lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.lstat(lock_dir)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise RuntimeError(f"GPU lock folder {lock_dir} must be a folder owned by you with mode 0700 "
+                           f"(it is {'a link' if stat.S_ISLNK(info.st_mode) else oct(info.st_mode & 0o777)}, "
+                           f"owner uid {info.st_uid}); remove it or set BALANCEDBIO_GPU_LOCK_DIR")
+    return lock_dir
+
+
+def open_lock_file(path: Path):
+    """Open (creating if needed) a lock file without following a symlink and without truncating."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise RuntimeError(f"GPU lock file {path} is a symbolic link; refusing to follow it (remove it)") from None
+        raise
+    return os.fdopen(fd, "r+b", buffering=0)
 
 
 def visible_gpu_count() -> int:
@@ -53,12 +79,12 @@ def claim(n: int, total: int, lock_dir: Path = LOCK_DIR, timeout_s: float = 3600
     """Lock ``n`` of the ``total`` GPU ids; returns the ids and the open lock files (keep them open)."""
     if n > total:
         raise RuntimeError(f"the job asks for {n} GPUs but this machine has {total}")
-    lock_dir.mkdir(parents=True, exist_ok=True)
+    private_lock_dir(lock_dir)
     deadline = time.monotonic() + timeout_s
     while True:
         held: list = []
         for gpu in range(total):
-            handle = open(lock_dir / f"gpu{gpu}.lock", "w")
+            handle = open_lock_file(lock_dir / f"gpu{gpu}.lock")
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

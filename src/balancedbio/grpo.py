@@ -491,12 +491,10 @@ class DynamicsWriter(TrainerCallback):
 
 
 def truncate_dynamics(path: Path, last_step: int) -> None:
-    """Drop lines past the checkpoint a run resumes from (they will be recomputed)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    """Drop lines past the checkpoint a run resumes from (they will be recomputed); a torn line too."""
+    from balancedbio.checkpoints import truncate_step_log
+
+    truncate_step_log(path, last_step)
 
 
 def build_prompt_dataset(mcq_path: str, prompts_path: str, *, max_prompts: int | None = None, seed: int = 0):
@@ -621,7 +619,7 @@ def run_grpo(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: str |
     """Train one variant; resumes from the newest checkpoint in ``checkpoint_dir``."""
     from transformers import set_seed
 
-    from balancedbio.checkpoints import CompletionMarker, last_complete_checkpoint
+    from balancedbio.checkpoints import CompletionMarker, last_complete_checkpoint, training_fingerprint
 
     set_seed(settings["seed"])
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -629,7 +627,10 @@ def run_grpo(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: str |
     checkpoint_root = Path(checkpoint_dir)
     checkpoint_root.mkdir(parents=True, exist_ok=True)
     live_dynamics = checkpoint_root / "dynamics.jsonl"
-    last = last_complete_checkpoint(checkpoint_root)
+    # Resume only a checkpoint of this very run (same settings and inputs); claims the folder.
+    fingerprint = training_fingerprint(settings, {"model": model_dir, "mcq": mcq_path, "prompts": prompts_path,
+                                                  "prm": prm_dir})
+    last = last_complete_checkpoint(checkpoint_root, fingerprint)
     if last:
         step = int(Path(last).name.split("-")[-1])
         log.info("resuming %s from %s (step %d)", settings["variant"], last, step)
@@ -641,7 +642,7 @@ def run_grpo(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: str |
     trainer, tokenizer = build_trainer(
         model_dir=model_dir, mcq_path=mcq_path, prompts_path=prompts_path, prm_dir=prm_dir, settings=settings,
         output_dir=str(checkpoint_root), world_size=world_size, deepspeed=deepspeed,
-        callbacks=[DynamicsWriter(live_dynamics, trainer_ref), CompletionMarker(), *callbacks])
+        callbacks=[DynamicsWriter(live_dynamics, trainer_ref), CompletionMarker(fingerprint), *callbacks])
     controller, reward_funcs, dataset = trainer.weight_controller, trainer.reward_funcs, trainer.train_dataset
     trainer_ref.append(trainer)
     log.info("GRPO %s: %d prompts (%d medical), G=%d, %d prompts/step, %d steps, weights=%s, aoc=%s",

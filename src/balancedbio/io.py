@@ -11,6 +11,17 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 
+def _umask() -> int:
+    current = os.umask(0)  # the only portable way to read it; restored at once
+    os.umask(current)
+    return current
+
+
+def _chmod_as_created(path: str | os.PathLike, is_dir: bool) -> None:
+    """Give a mkstemp/mkdtemp result (0600/0700) the mode a plain create would have had."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``target`` in one rename."""
@@ -18,6 +29,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
+        _chmod_as_created(tmp, is_dir=True)
         yield tmp
         if target.exists():
             shutil.rmtree(target)
@@ -36,6 +48,7 @@ def atomic_file(target: str | os.PathLike, mode: str = "w", encoding: str | None
     if "b" in mode:
         encoding = None
     try:
+        _chmod_as_created(tmp_name, is_dir=False)
         with os.fdopen(fd, mode, encoding=encoding) as handle:
             yield handle
             handle.flush()
@@ -66,20 +79,54 @@ class DataFormatError(ValueError):
     """A data file has a row that cannot be used; the message names the file and line."""
 
 
+def decoded_lines(path: str | os.PathLike) -> Iterator[tuple[int, str | DataFormatError]]:
+    """(line number, text) for each line of a UTF-8 text file, decoded one line at a time.
+
+    A line that is not valid UTF-8 comes as a DataFormatError naming file, line and column,
+    so a caller can skip that one line or stop with a precise message.
+    """
+    path = Path(path)
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                yield line_number, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield line_number, DataFormatError(
+                    f"{path}:{line_number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})")
+
+
+def parse_json_line(path: str | os.PathLike, line_number: int, line: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataFormatError(f"{path}:{line_number}: not valid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise DataFormatError(f"{path}:{line_number}: JSON nested too deeply") from None
+    if not isinstance(row, dict):
+        raise DataFormatError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
     """Yield the JSON objects of a JSONL file; a malformed line raises naming file and line."""
-    path = Path(path)
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}:{line_number}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(row, dict):
-                raise DataFormatError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-            yield row
+    for line_number, line in decoded_lines(path):
+        if isinstance(line, DataFormatError):
+            raise line
+        if line.strip():
+            yield parse_json_line(path, line_number, line)
+
+
+def read_jsonl_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """All (line number, object) pairs of a JSONL file; an empty file or a bad line raises naming it."""
+    rows = []
+    for line_number, line in decoded_lines(path):
+        if isinstance(line, DataFormatError):
+            raise line
+        if line.strip():
+            rows.append((line_number, parse_json_line(path, line_number, line)))
+    if not rows:
+        raise DataFormatError(f"{path}: the file is empty (no JSON lines)")
+    return rows
 
 
 def pyplot():

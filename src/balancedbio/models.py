@@ -126,6 +126,7 @@ def resolve_model(spec: str) -> ResolvedModel:
             raise ModelResolutionError(
                 f"Local model folder '{spec}' has no config.json, so it is not a transformers model folder."
             )
+        _has_safetensors(str(expanded))  # refuse pickled or missing weights now, not when a rule loads them
         return ResolvedModel(spec, "local", str(expanded.resolve()))
     if expanded.is_file() and expanded.suffix == ".gguf":
         return ResolvedModel(spec, "local", str(expanded.resolve().parent), gguf_file=expanded.name)
@@ -168,6 +169,9 @@ def _hub_kwargs(resolved: ResolvedModel, revision: str | None, trust_remote_code
 
 
 def _explain_load_failure(resolved: ResolvedModel, err: Exception) -> ModelResolutionError:
+    if resolved.kind == "hub" and "safetensors" in str(err):
+        return ModelResolutionError(f"Hub model '{resolved.location}' has no safetensors weights at this revision; "
+                                    "pickled *.bin weights are refused (they can run code when loaded).")
     if resolved.kind == "hub":
         why = (
             "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
@@ -209,7 +213,8 @@ def load_causal_lm(resolved: ResolvedModel | str, *, dtype: str = "float32", rev
     if device_map is not None:
         kwargs["device_map"] = device_map
     if not resolved.is_gguf:
-        kwargs["use_safetensors"] = None if resolved.kind == "hub" else _has_safetensors(resolved.location)
+        # Pickled weights can run code when loaded: hub models too must come as safetensors.
+        kwargs["use_safetensors"] = True if resolved.kind == "hub" else _has_safetensors(resolved.location)
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved.location, **kwargs)
     except (OSError, ValueError) as err:
@@ -221,16 +226,19 @@ def load_causal_lm(resolved: ResolvedModel | str, *, dtype: str = "float32", rev
     return model
 
 
-def _has_safetensors(folder: str) -> bool | None:
+def _has_safetensors(folder: str) -> bool:
+    """True when ``folder`` holds safetensors weights; otherwise raise, saying what it holds."""
     path = Path(folder)
     if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists():
         return True
-    if any(path.glob("*.bin")):
+    pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+    if pickled:
         # Pickled weights can execute code on load; refuse them instead of silently trusting.
         raise ModelResolutionError(
-            f"Model folder '{folder}' holds only pickled *.bin weights; convert it to safetensors first."
+            f"Model folder '{folder}' holds only pickled weights ({', '.join(pickled[:3])}); convert it to "
+            "safetensors first (model.save_pretrained(folder, safe_serialization=True))."
         )
-    return None
+    raise ModelResolutionError(f"Model folder '{folder}' has no weights (no *.safetensors file).")
 
 
 def _sha256(path: Path, chunk: int = 1 << 20) -> str:

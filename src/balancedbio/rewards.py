@@ -86,9 +86,9 @@ class AccuracyReward(RewardComponent):
 
     name = "accuracy"
 
-    def __init__(self, nli_model: str | None = None, nli_threshold: float = 0.5):
+    def __init__(self, nli_model: str | None = None, nli_threshold: float = 0.5, nli_revision: str | None = None):
         super().__init__()
-        self.nli = NLIJudge(nli_model) if nli_model else None
+        self.nli = NLIJudge(nli_model, revision=nli_revision) if nli_model else None
         self.nli_threshold = nli_threshold
 
     def score(self, prompts, texts, columns):
@@ -125,16 +125,19 @@ class AccuracyReward(RewardComponent):
 class NLIJudge:
     """Entailment probability of a reference answer given the completion (a hub NLI model)."""
 
-    def __init__(self, model_id: str):
+    def __init__(self, model_id: str, revision: str | None = None):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from balancedbio.models import ModelResolutionError, _explain_load_failure, resolve_model
 
         resolved = resolve_model(model_id)
+        # Pinned (rewards.nli_revision) and safetensors only: a hub repo cannot swap in pickled code.
+        pin = {"revision": revision} if revision and resolved.kind == "hub" else {}
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(resolved.location)
-            self.model = AutoModelForSequenceClassification.from_pretrained(resolved.location).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(resolved.location, **pin)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                resolved.location, use_safetensors=True, **pin).eval()
         except (OSError, ValueError) as err:
             raise _explain_load_failure(resolved, err) from err
         labels = {v.lower(): int(k) for k, v in self.model.config.id2label.items()}
@@ -217,7 +220,8 @@ class ReasoningReward(RewardComponent):
 
 def build_reward_functions(reward_config: dict, prm_dir: str | None) -> list[RewardComponent]:
     """The three components in the order accuracy, reasoning, instruction (config-driven)."""
-    components: list[RewardComponent] = [AccuracyReward(reward_config.get("nli_model"))]
+    components: list[RewardComponent] = [AccuracyReward(reward_config.get("nli_model"),
+                                                                  nli_revision=reward_config.get("nli_revision"))]
     if prm_dir:
         from balancedbio.prm import PRMScorer
 

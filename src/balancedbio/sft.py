@@ -71,12 +71,15 @@ def run_sft(*, model_dir: str, sft_path: str, out_dir: str, metrics_path: str, l
 
     from balancedbio.grpo import lora_config, save_merged
     from balancedbio.io import write_json
-    from balancedbio.checkpoints import CompletionMarker, last_complete_checkpoint
+    from balancedbio.checkpoints import CompletionMarker, last_complete_checkpoint, training_fingerprint
     from balancedbio.models import load_causal_lm, load_tokenizer
     from balancedbio.tracking import keep_tensorboard_events
 
     sft, training = settings["sft"], settings["training"]
     set_seed(settings["seed"])
+    # Resume only a checkpoint of this very run (same settings, model and data); claims the folder.
+    fingerprint = training_fingerprint(settings, {"model": model_dir, "data": sft_path})
+    last = last_complete_checkpoint(checkpoint_dir, fingerprint)
     pairs = conversation_pairs(sft_path, max_examples=sft["max_examples"], seed=settings["seed"])
     dataset = Dataset.from_list(pairs)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=settings["trust_remote_code"])
@@ -108,9 +111,8 @@ def run_sft(*, model_dir: str, sft_path: str, out_dir: str, metrics_path: str, l
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=lora_config(training) if training["use_lora"] else None,
-                         callbacks=[CompletionMarker(), *callbacks])
+                         callbacks=[CompletionMarker(fingerprint), *callbacks])
     keep_tensorboard_events(trainer, checkpoint_dir)
-    last = last_complete_checkpoint(checkpoint_dir)
     if last:
         log.info("resuming SFT from %s", last)
     log.info("SFT on %d conversations (%s), %s", len(pairs),

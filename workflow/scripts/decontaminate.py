@@ -1,10 +1,10 @@
 """Rule decontaminate: drop training rows that overlap the evaluation benchmarks."""
 
 from balancedbio.data.pipeline import decontaminate
-from balancedbio.logs import setup_logging
+from balancedbio.logs import setup_rule_logging
 
 snakemake = globals()["snakemake"]
-setup_logging(snakemake.log[0])
+setup_rule_logging(snakemake.log[0])
 names = ("mcq_train", "mcq_val", "steps", "sft", "prompts")
 external = [(name, schema, rows, status) for (name, schema), rows, status
             in zip(snakemake.params.external, snakemake.input.external, snakemake.input.external_status)]

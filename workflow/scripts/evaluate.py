@@ -2,10 +2,10 @@
 
 from balancedbio.evaluation import evaluate_benchmark
 from balancedbio.gpu_slots import claim_in_process
-from balancedbio.logs import setup_logging
+from balancedbio.logs import setup_rule_logging
 
 snakemake = globals()["snakemake"]
-setup_logging(snakemake.log[0])
+setup_rule_logging(snakemake.log[0])
 # Concurrent GPU evaluations each get their own device (no-op on CPU and under SLURM).
 gpu_locks = claim_in_process(int(snakemake.resources.get("gpu", 0)))
 evaluate_benchmark(model_dir=snakemake.input.model, model_name=snakemake.wildcards.model,

@@ -1,11 +1,11 @@
 """Snakemake script for rule prepare_model: thin wrapper around balancedbio.models."""
 
-from balancedbio.logs import setup_logging
+from balancedbio.logs import setup_rule_logging
 from balancedbio.models import prepare_base_model
 
 snakemake = globals()["snakemake"]  # injected by Snakemake's script directive
 
-setup_logging(snakemake.log[0])
+setup_rule_logging(snakemake.log[0])
 prepare_base_model(
     snakemake.params.source,
     snakemake.output[0],

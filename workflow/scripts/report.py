@@ -4,11 +4,11 @@ It passes build_report exactly the rule's declared inputs: nothing else under re
 
 from importlib.metadata import PackageNotFoundError, version
 
-from balancedbio.logs import setup_logging
+from balancedbio.logs import setup_rule_logging
 from balancedbio.report import build_report
 
 snakemake = globals()["snakemake"]
-log = setup_logging(snakemake.log[0])
+log = setup_rule_logging(snakemake.log[0])
 
 
 def _version(name):

@@ -1,10 +1,10 @@
 """Rule train_prm: fine-tune the step classifier, write held-out metrics and a confusion plot."""
 
-from balancedbio.logs import setup_logging
+from balancedbio.logs import setup_rule_logging
 from balancedbio.prm import plot_confusion, train_prm
 
 snakemake = globals()["snakemake"]
-setup_logging(snakemake.log[0])
+setup_rule_logging(snakemake.log[0])
 params = snakemake.params.prm
 metrics = train_prm(steps_path=snakemake.input.steps,
                     encoder=params["encoder"], out_dir=snakemake.output.model,

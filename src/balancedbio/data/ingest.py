@@ -125,13 +125,22 @@ MAPPERS = {"mcq": map_mcq, "instruct": map_instruct, "steps": map_steps, "sft": 
 def _iter_local(path: Path, split: str) -> Iterator[tuple[str, Any]]:
     """(location, row) pairs; for JSON Lines the location is file:line and bad JSON is a bad row."""
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
+        # Decoded line by line: a bad byte costs its line, not the whole file.
+        with path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    yield f"{path}:{number}", RowError(f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column "
+                                                       f"{err.start + 1})")
+                    continue
                 if line.strip():
                     try:
                         yield f"{path}:{number}", json.loads(line)
                     except json.JSONDecodeError as err:
-                        yield f"{path}:{number}", RowError(f"not valid JSON ({err.msg})")
+                        yield f"{path}:{number}", RowError(f"not valid JSON ({err.msg} at column {err.colno})")
+                    except RecursionError:
+                        yield f"{path}:{number}", RowError("JSON nested too deeply")
         return
     import datasets
 

@@ -14,13 +14,29 @@ MMLU_SUBJECTS = ("anatomy", "clinical_knowledge", "professional_medicine", "medi
                  "college_medicine", "college_biology")
 
 
-def _letter(answer, n_options: int) -> str:
+def _letter(answer, options: dict) -> str:
+    """The answer key as a letter; given as a letter, a 0-based index or the exact option text.
+
+    Anything else raises (taking, say, the first character of an option text would silently
+    score against a wrong key).
+    """
+    letters = list(options)
+    if isinstance(answer, bool):
+        raise ValueError(f"answer {answer!r} is neither a letter, an index nor an option text")
     if isinstance(answer, int) or (isinstance(answer, str) and answer.strip().isdigit()):
-        return LETTERS[int(answer)]
-    letter = str(answer).strip().upper()[:1]
-    if letter not in LETTERS[:n_options]:
-        raise ValueError(f"answer {answer!r} is not one of {LETTERS[:n_options]}")
-    return letter
+        index = int(answer)
+        if not 0 <= index < len(letters):
+            raise ValueError(f"answer index {index} is out of range for {len(letters)} options "
+                             f"(0-{len(letters) - 1})")
+        return letters[index]
+    if isinstance(answer, str):
+        if answer.strip().upper() in letters:
+            return answer.strip().upper()
+        by_text = [k for k, v in options.items() if v.strip() == answer.strip()]
+        if len(by_text) == 1 and answer.strip():
+            return by_text[0]
+    raise ValueError(f"answer {answer!r} is neither one of the letters {', '.join(letters)}, an index below "
+                     f"{len(letters)} nor the exact text of one option")
 
 
 def _options(doc: dict) -> dict:
@@ -44,12 +60,24 @@ def normalize(doc: dict) -> dict:
     options = _options(doc)
     answer = doc.get("answer_idx", doc.get("answer", doc.get("Answer")))
     return {"question": str(doc.get("question", doc.get("Question", ""))).strip(), "options": options,
-            "answer": _letter(answer, len(options)), "subject": doc.get("subject", ""),
+            "answer": _letter(answer, options), "subject": doc.get("subject", ""),
             "id": str(doc.get("id", doc.get("key", "")))}
 
 
+def _source_name(dataset) -> str:
+    files = [f["filename"] for f in (getattr(dataset, "cache_files", None) or []) if "filename" in f]
+    return (dataset.info.dataset_name if getattr(dataset, "info", None) and dataset.info.dataset_name else None) \
+        or (files[0] if files else "the dataset")
+
+
 def process_mcq(dataset):
-    return dataset.map(normalize, remove_columns=[c for c in dataset.column_names if c != "id"])
+    def checked(doc: dict, index: int) -> dict:
+        try:
+            return normalize(doc)
+        except ValueError as err:  # name the row: the message reaches the user through lm-eval
+            raise ValueError(f"{_source_name(dataset)} row {index + 1}: {err}") from None
+
+    return dataset.map(checked, with_indices=True, remove_columns=[c for c in dataset.column_names if c != "id"])
 
 
 def _mmlu_subject(subject: str):
