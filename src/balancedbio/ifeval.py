@@ -45,9 +45,11 @@ def describe(instruction_id: str, kwargs: dict[str, Any], prompt: str | None = N
 
 
 # The checkers (sentence tokenising, language detection) cost more than linear time on some
-# inputs; a response is checked on its first this many characters. That is far above any real
-# completion (IFEval's longest asks are ~1,000 words, about 7,000 characters), so only junk is cut.
-MAX_CHECKED_CHARS = 20_000
+# inputs; a response is checked on its first this many characters: four times a 1,024-token
+# completion (paper.yaml's max_completion_length) at ~4 characters a token, and twice IFEval's
+# longest ask (~1,000 words), so only junk is cut. Some lm-eval checkers stay superlinear
+# below it (see bench/README.md, reward_hostile).
+MAX_CHECKED_CHARS = 16_384
 
 
 def follows(prompt: str, instruction_ids: Sequence[str], kwargs: Sequence[dict], response: str,

@@ -164,10 +164,10 @@ def build_input(question: str, previous: Sequence[str], step: str) -> tuple[str,
 def step_examples(chains: Iterable[dict], *, conclusion_contrasts: bool = False) -> list[dict]:
     """One classification example per labelled step.
 
-    With ``conclusion_contrasts`` (training), every sound chain with options also gives the
-    chain as an SFT target and a policy write it (its valid facts only) followed by each
-    option's conclusion: the right letter valid, the others fallacious. That is the
-    sound-steps-wrong-letter case the reward must punish, with the exact wording
+    With ``conclusion_contrasts`` (training), every sound chain with options also gives its
+    steps, and its facts alone as an SFT target (and so the policy) writes them, followed by
+    each option's conclusion: the right letter valid, the others fallacious. That is the
+    sound-steps-wrong-letter case the reward must punish, in the exact wording
     ``reasoning_steps`` gives a completion's answer line."""
     from balancedbio.data.reasoning import conclusion_text
 
@@ -183,11 +183,15 @@ def step_examples(chains: Iterable[dict], *, conclusion_contrasts: bool = False)
         if not (conclusion_contrasts and chain.get("chain") == "sound" and options
                 and (last.get("fact") or {}).get("relation") == "conclusion"):
             continue
-        facts = [s["text"] for s in chain["steps"][:-1] if s["label"] == "valid"]
-        for letter, option_text in options.items():
-            context, text = build_input(chain["question"], facts, conclusion_text(letter, option_text))
-            label = "valid" if letter == chain["answer"] else "fallacious"
-            examples.append({"context": context, "step": text, "label": LABEL2ID[label], **meta})
+        # After the chain's own steps and after its facts alone (as the SFT targets write it).
+        prefixes = {tuple(texts[:-1]), tuple(s["text"] for s in chain["steps"][:-1] if s["label"] == "valid")}
+        for prefix in sorted(prefixes):
+            for letter, option_text in options.items():
+                if prefix == tuple(texts[:-1]) and letter == chain["answer"]:
+                    continue  # the chain's own conclusion, already an example
+                context, text = build_input(chain["question"], list(prefix), conclusion_text(letter, option_text))
+                label = "valid" if letter == chain["answer"] else "fallacious"
+                examples.append({"context": context, "step": text, "label": LABEL2ID[label], **meta})
     return examples
 
 
