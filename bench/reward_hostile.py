@@ -81,6 +81,13 @@ def timed(fn, repeats: int) -> tuple[float, float]:
     return statistics.median(times), max(times)
 
 
+def _check(checker: str, text: str) -> None:
+    try:  # a checker may raise on junk (deep JSON: RecursionError); the reward counts it as failed
+        follows("Write about insulin.", [checker], [CHECKER_KWARGS.get(checker, {})], text)
+    except Exception:  # noqa: BLE001 - timing only
+        pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prm", default=str(REPO / "results" / "models" / "prm"))
@@ -112,8 +119,7 @@ def main() -> None:
                          else str(value)[:40]})
         slowest = (0.0, "")
         for checker in sorted(instruction_registry()):
-            median, _ = timed(lambda: follows("Write about insulin.", [checker], [CHECKER_KWARGS.get(checker, {})],
-                                              text), 1)
+            median, _ = timed(lambda: _check(checker, text), 1)
             slowest = max(slowest, (median, checker))
         rows.append({"input": name, "function": "slowest IFEval checker", "median_s": slowest[0], "max_s": slowest[0],
                      "value": slowest[1]})
