@@ -181,7 +181,7 @@ def test_instruction_checkers_see_a_capped_response():
     # A comma after the cap is not seen: the checker reads the first MAX_CHECKED_CHARS only.
     no_comma = ["punctuation:no_comma"]
     late_comma = "a" * MAX_CHECKED_CHARS + ", b"
-    assert InstructionReward()(prompts=["p"], completions=[late_comma, "a, b"],
+    assert InstructionReward()(prompts=["p", "p"], completions=[late_comma, "a, b"],
                                instruction_id_list=[no_comma, no_comma], kwargs=[[{}], [{}]]) == [1.0, 0.0]
 
 
