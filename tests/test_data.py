@@ -16,7 +16,7 @@ import pytest
 from balancedbio.data.decontam import BenchmarkIndex, decontaminate, load_benchmark_texts
 from balancedbio.data.ingest import IngestError, ingest
 from balancedbio.data.kg import series_name
-from balancedbio.data.mcq import QUESTION_KINDS, candidate_from_row, generate_questions, validate
+from balancedbio.data.mcq import QUESTION_KINDS, USES, candidate_from_row, generate_questions, validate
 from balancedbio.data.reasoning import FALLACIOUS, LABELS, NEUTRAL, VALID
 from balancedbio.io import read_jsonl
 
@@ -44,6 +44,8 @@ def test_questions_have_the_promised_shape(questions):
         assert len(set(row["options"].values())) == 4
         assert row["provenance"] and row["id"].startswith(f"kg-{row['split']}-")
         assert set(row["entities"]) == {"diseases", "genes", "icd10cm"}
+        # Train questions are split three ways (PRM / SFT / GRPO); held-out ones have no use.
+        assert row.get("use") in (USES if row["split"] == "train" else (None,)), row["id"]
     assert len({r["answer"] for r in rows}) == 4, "answer positions must be shuffled"
     assert len({(r["kind"], r["template"]) for r in rows}) > len({r["kind"] for r in rows}), "several phrasings"
 

@@ -1,15 +1,19 @@
-"""The process reward model trained by the smoke run: metrics, ranking, resume."""
+"""The process reward model trained by the smoke run: metrics, ranking, conclusions, resume."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 from transformers import TrainerCallback
 
+from balancedbio.checkpoints import MARKER
+from balancedbio.data.formatting import format_reasoning
 from balancedbio.io import read_jsonl, write_jsonl
-from balancedbio.prm import PRMScorer, chain_ranking, train_prm
+from balancedbio.prm import SETTINGS_FILE, PRMScorer, chain_ranking, train_prm
+from balancedbio.rewards import ReasoningReward
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +42,76 @@ def test_prm_ranks_sound_chains_above_planted_fallacies(smoke_workdir):
     assert ranking["sound_above_flawed"] >= 0.75, ranking
 
 
+def _smoke_chains(workdir):
+    return list(read_jsonl(workdir / "results" / "data" / "clean" / "steps.jsonl"))
+
+
+@pytest.mark.xfail(reason="measured 2026-12-01: the smoke PRM (21 questions, 81 steps) scores every conclusion "
+                          "alike (mean margin -1.42 right vs -1.44 wrong even on its training contrasts; R_reas "
+                          "0.6986 vs 0.6989 on 8 held-out questions); the conclusion is scored, the PRM has not "
+                          "learnt to tell the letters apart")
+def test_reasoning_reward_punishes_a_wrong_final_letter(smoke_workdir):
+    """A held-out sound chain, written as the SFT targets are (its facts, then 'Answer: X'),
+    scores lower under the trained default PRM when it ends in a wrong letter."""
+    prm_dir = smoke_workdir / "results" / "models" / "prm"
+    reward = ReasoningReward(PRMScorer(prm_dir), gamma=0.001, length_target=200)
+    sound = [c for c in _smoke_chains(smoke_workdir) if c["split"] == "test" and c["chain"] == "sound"]
+    assert len(sound) >= 5
+    right, wrong = [], []
+    for chain in sound:
+        facts = [s["text"] for s in chain["steps"] if s["label"] == "valid" and s["fact"]["relation"] != "conclusion"]
+        letters = [chain["answer"]] + [x for x in chain["options"] if x != chain["answer"]]
+        values = reward(prompts=[chain["question"]] * 4, completions=[format_reasoning(facts, x) for x in letters],
+                        capability=["medical"] * 4, question=[chain["question"]] * 4, options=[chain["options"]] * 4)
+        right.append(values[0])
+        wrong.append(max(values[1:]))
+    right, wrong = np.array(right), np.array(wrong)
+    # The same words but for one letter: the length term is equal, the difference is the PRM's.
+    assert right.mean() > wrong.mean() + 0.05, (right.round(3), wrong.round(3))
+    assert (right > wrong).mean() >= 0.6, (right.round(3), wrong.round(3))
+    metrics = json.loads((smoke_workdir / "results" / "prm" / "metrics.json").read_text())
+    assert metrics["test_conclusion"]["questions"] == len(sound)
+
+
+def test_scorer_reads_max_length_from_the_saved_settings(smoke_workdir, smoke_config, tmp_path):
+    prm_dir = smoke_workdir / "results" / "models" / "prm"
+    saved = json.loads((prm_dir / SETTINGS_FILE).read_text())
+    assert PRMScorer(prm_dir).max_length == saved["max_length"] == smoke_config["prm"]["max_length"]
+    copy = tmp_path / "prm"
+    shutil.copytree(prm_dir, copy)
+    (copy / SETTINGS_FILE).write_text(json.dumps({**saved, "max_length": 24}))
+    scorer = PRMScorer(copy)
+    assert scorer.max_length == 24
+    long_pair = ("question " * 100, "step " * 100)
+    assert len(scorer.tokenizer(*long_pair, truncation="longest_first", max_length=scorer.max_length)["input_ids"]) == 24
+    (copy / SETTINGS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=SETTINGS_FILE):
+        PRMScorer(copy)
+
+
+def test_prm_sft_and_grpo_share_no_question_and_no_disease_family(smoke_workdir):
+    data = smoke_workdir / "results" / "data"
+    questions = {q["id"]: q for q in read_jsonl(data / "kg" / "mcq_train.jsonl")}
+    sets = {
+        "prm": {c["question_id"] for c in _smoke_chains(smoke_workdir) if c["split"] == "train"},
+        "sft": {c["question_id"] for c in read_jsonl(data / "clean" / "sft.jsonl") if c["capability"] == "medical"},
+        "grpo": {q["id"] for q in read_jsonl(data / "clean" / "mcq_train.jsonl") if q.get("source", "kg") == "kg"},
+    }
+    assert all(len(ids) >= 3 for ids in sets.values()), {k: len(v) for k, v in sets.items()}
+    assert set().union(*sets.values()) <= set(questions)
+    for use, ids in sets.items():
+        assert {questions[i]["use"] for i in ids} == {use}
+    families = {use: {f for i in ids for f in questions[i]["families"]} for use, ids in sets.items()}
+    genes = {use: {g for i in ids for g in questions[i]["entities"]["genes"]} for use, ids in sets.items()}
+    for a, b in (("prm", "sft"), ("prm", "grpo"), ("sft", "grpo")):
+        assert not sets[a] & sets[b], (a, b)
+        assert not families[a] & families[b], (a, b)
+        assert not genes[a] & genes[b], (a, b)
+    assert any(families.values())
+    stats = json.loads((data / "kg" / "stats.json").read_text())
+    assert stats["train_uses"] == {use: sum(q["use"] == use for q in questions.values()) for use in sets}
+
+
 class _Interrupt(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 3:
@@ -57,6 +131,28 @@ def test_training_resumes_from_the_last_checkpoint(smoke_workdir, tmp_path):
         train_prm(**kwargs, callbacks=[_Interrupt()])
     assert (tmp_path / "ckpt" / "checkpoint-2").is_dir()
     assert not (tmp_path / "prm").exists(), "no half-written model after a crash"
+    assert (tmp_path / "ckpt" / "checkpoint-2" / MARKER).is_file()
+    # A kill while saving checkpoint-30 left only its config: it is skipped, not resumed from.
+    torn = tmp_path / "ckpt" / "checkpoint-30"
+    torn.mkdir()
+    shutil.copy(tmp_path / "ckpt" / "checkpoint-2" / "config.json", torn / "config.json")
     metrics = train_prm(**kwargs)
-    assert metrics["resumed"] is True
+    assert metrics["resumed"] is True and metrics["resumed_from"].endswith("checkpoint-2")
     assert (tmp_path / "prm" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "prm" / SETTINGS_FILE).read_text())["max_length"] == 64
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_training_starts_fresh_beside_a_torn_checkpoint(smoke_workdir, tmp_path):
+    chains = _smoke_chains(smoke_workdir)
+    steps = tmp_path / "steps.jsonl"
+    write_jsonl(steps, [c for c in chains if c["split"] == "train"][:6] + [c for c in chains if c["split"] == "test"][:3])
+    (tmp_path / "ckpt" / "checkpoint-30").mkdir(parents=True)
+    (tmp_path / "ckpt" / "checkpoint-30" / "config.json").write_text("{}")
+    config = {"max_length": 48, "batch_size": 8, "learning_rate": 1e-4, "epochs": 1, "save_steps": 100,
+              "max_train_examples": 16, "max_eval_questions": 1}
+    metrics = train_prm(steps_path=str(steps), encoder="embedded:all-minilm-l6-v2", out_dir=str(tmp_path / "prm"),
+                        metrics_path=str(tmp_path / "metrics.json"), checkpoint_dir=str(tmp_path / "ckpt"),
+                        prm_config=config, seed=0)
+    assert metrics["resumed"] is False and metrics["resumed_from"] is None
+    assert metrics["train_examples"] == 16 and (tmp_path / "prm" / "model.safetensors").is_file()

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balancedbio.answers import extract_choice
-from balancedbio.prm import LABEL2ID, split_steps
+from balancedbio.prm import MAX_STEP_CHARS, LABEL2ID, reasoning_steps, split_steps
 from balancedbio.rewards import AccuracyReward, InstructionReward, ReasoningReward
 
 OPTIONS = {"A": "Liver", "B": "Pancreas", "C": "Spleen", "D": "Kidney"}
@@ -89,12 +89,12 @@ def test_loose_mode_forgives_a_leading_line():
 
 
 class FakeScorer:
-    """Scores every step by a fixed margin per keyword, to test the reward arithmetic."""
+    """Scores every reasoning step by a fixed margin per keyword, to test the reward arithmetic."""
 
-    def score_completions(self, questions, completions, aggregate="mean"):
+    def score_completions(self, questions, completions, aggregate="mean", options=None):
         out = []
-        for completion in completions:
-            steps = split_steps(completion)
+        for question, completion in zip(questions, completions):
+            steps = reasoning_steps(question, completion)
             if not steps:
                 out.append(None)
                 continue
@@ -105,18 +105,22 @@ class FakeScorer:
 
 def test_reasoning_reward_is_sigmoid_plus_capped_length_term():
     reward = ReasoningReward(FakeScorer(), gamma=0.01, length_target=5)
-    good = "Step 1: fine.\nStep 2: fine again.\nAnswer: B"
-    mixed = "Step 1: fine.\nStep 2: wrong.\nAnswer: B"
-    values = reward(prompts=["q"] * 4, completions=[good, mixed, "", good],
-                    capability=["medical", "medical", "medical", "instruction"], question=["q"] * 4)
-    words = len(good.split())
-    assert values[0] == pytest.approx(1 / (1 + math.exp(-2.0)) + 0.01 * min(words, 5))
-    assert values[1] == pytest.approx(1 / (1 + math.exp(0.5)) + 0.01 * 5)
-    assert values[2] == 0.0  # no steps: only the (empty) length term
+    question = ["Which organ makes insulin?"] * 5
+    good = "Step 1: insulin is fine.\nStep 2: the organ is fine again.\nAnswer: B"
+    mixed = "Step 1: insulin is fine.\nStep 2: the organ is wrong.\nAnswer: B"
+    filler = "Step 1: lorem ipsum dolor.\nStep 2: sit amet.\nAnswer: B"
+    values = reward(prompts=["q"] * 5, completions=[good, mixed, "", good, filler],
+                    capability=["medical", "medical", "medical", "instruction", "medical"], question=question)
+    # Three steps each: two reasoning steps and the conclusion from the answer line.
+    assert values[0] == pytest.approx(1 / (1 + math.exp(-2.0)) + 0.01 * 5)
+    assert values[1] == pytest.approx(1 / (1 + math.exp(-(2 - 3 + 2) / 3)) + 0.01 * 5)
+    assert values[2] == 0.0
     assert values[3] is None  # instruction prompts get no reasoning reward
-    assert reward.last_success == [True, False, False, None]
+    assert values[4] == 0.0, "no step names anything the question is about: no reward, not even for length"
+    assert reward.last_success == [True, True, False, None, False]
+    assert reward.stats["no_steps"] == 2
     assert ReasoningReward(FakeScorer(), aggregate="min")(
-        prompts=["q"], completions=[mixed], question=["q"])[0] < values[1]
+        prompts=["q"], completions=[mixed], question=question[:1])[0] < values[1]
 
 
 @pytest.mark.parametrize("text, steps", [
@@ -128,6 +132,57 @@ def test_reasoning_reward_is_sigmoid_plus_capped_length_term():
 ])
 def test_split_steps(text, steps):
     assert split_steps(text) == steps
+
+
+def test_steps_are_capped_on_long_inputs():
+    many = "\n".join(f"Step {i}: insulin fact {i}." for i in range(1, 5001))
+    assert split_steps(many) == [f"insulin fact {i}." for i in range(1, 33)]
+    assert len(split_steps(many, max_steps=4)) == 4
+    # Runs of blanks between inline markers are split correctly, not just quickly.
+    assert split_steps("Step 1: a." + " " * 20_000 + "Step 2: b.") == ["a.", "b."]
+    giant = split_steps("x" * 1_000_000)
+    assert len(giant) == 1 and len(giant[0]) == MAX_STEP_CHARS
+    assert split_steps(" " * 1_000_000) == split_steps("\n" * 1_000_000) == []
+    assert extract_choice("\n" * 100_000 + "Answer: C", OPTIONS).letter == "C"
+    assert extract_choice("Answer: B\n" + "Answer: " * 10_000, OPTIONS).letter is None
+
+
+QUESTION = "Which organ makes insulin?\n\nA. Liver\nB. Pancreas\nC. Spleen\nD. Kidney\n\nThink step by step."
+LOREM = "Lorem ipsum dolor sit amet, consectetur adipiscing elit. Sed do eiusmod tempor incididunt ut labore. "
+
+
+def test_answer_line_becomes_the_conclusion_step():
+    text = "Step 1: Beta cells of the pancreas make insulin.\nStep 2: The liver stores glycogen.\nAnswer: B"
+    assert reasoning_steps(QUESTION, text) == ["Beta cells of the pancreas make insulin.",
+                                               "The liver stores glycogen.",
+                                               "Therefore, the answer is B: Pancreas."]
+    # Options given as a column win over the prompt's; an unreadable answer line is kept as it is.
+    assert reasoning_steps("Which organ makes insulin?", text.replace("B", "C"), {"C": "Spleen"})[-1] == \
+        "Therefore, the answer is C: Spleen."
+    assert reasoning_steps(QUESTION, "Insulin comes from it.\nAnswer: not sure")[-1] == "Answer: not sure"
+    assert reasoning_steps(QUESTION, "Answer: B") == [], "an answer alone is not reasoning"
+
+
+@pytest.mark.parametrize("junk", [LOREM * 10_000, "A" * 100_000 + "!", " " * 1_000_000, "\n" * 1_000_000,
+                                  "[" * 500_000 + "]" * 500_000, LOREM * 100 + "\nAnswer: B",
+                                  "Step 1: " + "the of and " * 1000 + "\nAnswer: B"])
+def test_junk_has_no_reasoning_step(junk):
+    assert reasoning_steps(QUESTION, junk) == []
+    reward = ReasoningReward(FakeScorer())
+    assert reward(prompts=["q"], completions=[junk], question=[QUESTION]) == [0.0]
+
+
+def test_instruction_checkers_see_a_capped_response():
+    from balancedbio.ifeval import MAX_CHECKED_CHARS
+
+    ids, kwargs = ["length_constraints:number_sentences"], [{"num_sentences": 5, "relation": "at least"}]
+    huge = "One sentence here. " * 100_000
+    assert InstructionReward()(prompts=["p"], completions=[huge], instruction_id_list=[ids], kwargs=[kwargs]) == [1.0]
+    # A comma after the cap is not seen: the checker reads the first MAX_CHECKED_CHARS only.
+    no_comma = ["punctuation:no_comma"]
+    late_comma = "a" * MAX_CHECKED_CHARS + ", b"
+    assert InstructionReward()(prompts=["p", "p"], completions=[late_comma, "a, b"],
+                               instruction_id_list=[no_comma, no_comma], kwargs=[[{}], [{}]]) == [1.0, 0.0]
 
 
 def test_label_ids_are_stable():
@@ -152,6 +207,6 @@ def test_rewards_never_raise_on_junk(text):
                                instruction_id_list=[["detectable_format:json_format", "keywords:forbidden_words"]],
                                kwargs=[[{}, {"forbidden_words": ["cure"]}]])
     assert 0.0 <= inst[0] <= 1.0
-    reas = ReasoningReward(FakeScorer())(prompts=["q"], completions=[text], question=["q"])
+    reas = ReasoningReward(FakeScorer())(prompts=["q"], completions=[text], question=[QUESTION])
     assert reas[0] is not None and 0.0 <= reas[0] <= 1.0 + 0.001 * 200
     assert isinstance(split_steps(text), list)

@@ -20,8 +20,12 @@ _DECLARATION = re.compile(
     re.IGNORECASE,
 )
 _JSON_ANSWER = re.compile(r'"(?:answer|final_answer|choice)"\s*:\s*"\s*\(?(' + _LETTER + r')\)?\s*"', re.IGNORECASE)
-_BARE_LINE = re.compile(r"^\s*[\(\[]?(" + _LETTER + r")[\)\]]?\s*[.:]?\s*$", re.MULTILINE)
+# [ \t]*, not \s*: a blank run must not span lines, or each of n blank lines rescans the rest.
+_BARE_LINE = re.compile(r"^[ \t]*[\(\[]?(" + _LETTER + r")[\)\]]?[ \t]*[.:]?[ \t]*$", re.MULTILINE)
 _TAIL_LETTER = re.compile(r"(?<![A-Za-z0-9'])[\(\[]?(" + _LETTER + r")[\)\]]?(?![A-Za-z0-9'])")
+_CLAUSE_CHARS = 120  # what a declaration names is read from this many characters after it
+_TAIL_CHARS = 20_000  # only the end of a completion is read: the answer is there
+_MAX_DECLARATIONS = 64
 _HEDGE_JOIN = re.compile(r"^\s*(?:or|and|/|,|&)\s*$", re.IGNORECASE)
 
 
@@ -46,7 +50,7 @@ def _option_in(text: str, options: dict[str, str]) -> str | None:
 
 def _declared(tail: str, options: dict[str, str] | None) -> str | None:
     """What a declaration such as 'Answer: ...' names: a letter, HEDGE, or None."""
-    clause = re.split(r"(?<=[.!?])\s|\n", tail, maxsplit=1)[0][:120]
+    clause = re.split(r"(?<=[.!?])\s|\n", tail[:_CLAUSE_CHARS], maxsplit=1)[0]
     letters = [m for m in _TAIL_LETTER.finditer(clause)]
     if letters:
         first = letters[0]
@@ -70,12 +74,15 @@ def extract_choice(text: object, options: dict[str, str] | None = None) -> Extra
     """The answer letter a completion commits to (see the module docstring); never raises."""
     if not isinstance(text, str):
         return Extraction(None, "no_answer")
-    text = text.replace("\x00", " ")[-20000:]  # the answer is at the end; bound the work on huge outputs
+    text = text[-_TAIL_CHARS:].replace("\x00", " ")  # the answer is at the end; bound the work on huge outputs
     found: list[tuple[int, str]] = []
-    for match in _DECLARATION.finditer(text):
-        declared = _declared(text[match.end():], options)
+    # The last declaration that names something is the only one that can win: read them from
+    # the end, and at most _MAX_DECLARATIONS of them (a completion is not a list of thousands).
+    for match in list(_DECLARATION.finditer(text))[::-1][:_MAX_DECLARATIONS]:
+        declared = _declared(text[match.end():match.end() + _CLAUSE_CHARS], options)
         if declared:
             found.append((match.start(), declared))
+            break
     for match in _JSON_ANSWER.finditer(text):
         found.append((match.start(), match.group(1).upper()))
     for match in _BARE_LINE.finditer(text):

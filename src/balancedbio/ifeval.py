@@ -44,10 +44,20 @@ def describe(instruction_id: str, kwargs: dict[str, Any], prompt: str | None = N
     return text
 
 
+# The checkers (sentence tokenising, language detection) cost more than linear time on some
+# inputs; a response is checked on its first this many characters: four times a 1,024-token
+# completion (paper.yaml's max_completion_length) at ~4 characters a token, and twice IFEval's
+# longest ask (~1,000 words), so only junk is cut. Some lm-eval checkers stay superlinear
+# below it (see bench/README.md, reward_hostile).
+MAX_CHECKED_CHARS = 16_384
+
+
 def follows(prompt: str, instruction_ids: Sequence[str], kwargs: Sequence[dict], response: str,
             *, loose: bool = False) -> list[bool]:
-    """Per-instruction compliance of ``response``, strict or loose, exactly as IFEval scores it."""
+    """Per-instruction compliance of ``response``, strict or loose, exactly as IFEval scores it
+    (on its first MAX_CHECKED_CHARS characters)."""
     _, utils = _ifeval()
+    response = response[:MAX_CHECKED_CHARS]
     example = utils.InputExample(key=0, instruction_id_list=list(instruction_ids), prompt=prompt,
                                  kwargs=[dict(k) for k in kwargs])
     scorer = utils.test_instruction_following_loose if loose else utils.test_instruction_following_strict

@@ -11,7 +11,9 @@ arrive as keyword lists, and ``None`` marks a component that does not apply to a
   (``instruction_id_list`` + ``kwargs`` columns) the completion satisfies, scored by IFEval's
   own checker, strict or loose; not applicable to prompts without constraints.
 - ``ReasoningReward`` (eq. 8): sigmoid(PRM score) + gamma * min(len(o), L_target), the PRM
-  score being the mean (or min) step margin; applies to medical prompts.
+  score being the mean (or min) margin over the completion's reasoning steps and its
+  conclusion (``balancedbio.prm.reasoning_steps``); 0 for a completion with no reasoning
+  step; applies to medical prompts.
 
 After each call a component holds ``last_success`` (per sample: True / False / None), which
 the PID weight controller reads, and running counters in ``stats`` (parse failures etc.).
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any, Sequence
 
 from balancedbio.answers import extract_choice
@@ -187,7 +190,8 @@ class InstructionReward(RewardComponent):
 
 
 class ReasoningReward(RewardComponent):
-    """R_reas = sigmoid(PRM score) + gamma * min(len(o), L_target), len in words."""
+    """R_reas = sigmoid(PRM score) + gamma * min(len(o), L_target), len in words; 0 when the
+    completion has no reasoning step (the length term rewards reasoning, not filler)."""
 
     name = "reasoning"
 
@@ -200,22 +204,35 @@ class ReasoningReward(RewardComponent):
     def score(self, prompts, texts, columns):
         capability = _column(columns, "capability", len(texts))
         questions = _column(columns, "question", len(texts))
+        options = _column(columns, "options", len(texts))
         todo = [i for i, c in enumerate(capability) if c in (None, "medical")]
         rewards: list[float | None] = [None] * len(texts)
         success: list[bool | None] = [None] * len(texts)
         if not todo:
             return rewards, success
         margins = self.scorer.score_completions([questions[i] or prompt_text(prompts[i]) for i in todo],
-                                                [texts[i] for i in todo], aggregate=self.aggregate)
+                                                [texts[i] for i in todo], aggregate=self.aggregate,
+                                                options=[options[i] for i in todo])
         for i, margin in zip(todo, margins):
-            length_term = self.gamma * min(len(texts[i].split()), self.length_target)
-            if margin is None:  # no reasoning steps at all
+            if margin is None:  # no reasoning step at all
                 self._count("no_steps")
-                rewards[i], success[i] = length_term, False
+                rewards[i], success[i] = 0.0, False
             else:
+                length_term = self.gamma * min(_word_count(texts[i], self.length_target), self.length_target)
                 rewards[i] = 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, margin)))) + length_term
                 success[i] = margin > 0
         return rewards, success
+
+
+def _word_count(text: str, limit: int) -> int:
+    """Whitespace-separated words, counted up to ``limit`` (the length term's cap), so a huge
+    completion costs no more than a long one."""
+    count = 0
+    for _ in re.finditer(r"\S+", text):
+        count += 1
+        if count >= limit:
+            break
+    return count
 
 
 def build_reward_functions(reward_config: dict, prm_dir: str | None) -> list[RewardComponent]:

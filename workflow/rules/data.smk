@@ -2,6 +2,8 @@
 # ICD-10-CM) -> validated multiple-choice questions, labelled reasoning steps, SFT
 # conversations; IFEval-schema instruction prompts; optional external datasets; and
 # decontamination of all training data against the evaluation benchmarks.
+# Train questions are split by disease family into PRM / SFT / GRPO uses (kg.use_fractions):
+# steps.jsonl trains the PRM, sft.jsonl SFT, and clean/mcq_train.jsonl holds the GRPO prompts only.
 
 rule build_kg:
     output:

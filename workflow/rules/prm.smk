@@ -15,7 +15,7 @@ rule train_prm:
         logging=config["logging"],
         seed=config["seed"],
         checkpoints="results/prm/checkpoints",
-        code=code_digest("prm.py"),
+        code=code_digest("prm.py", "answers.py", "data/reasoning.py", "checkpoints.py"),
     log:
         "logs/train_prm.log",
     benchmark:

@@ -6,7 +6,12 @@ key, distractors) and knows the predicate ``holds(option)`` that makes an option
 distractor is of the key's type, and that no two options are ancestor/descendant/synonym
 (or numbered subtypes of one disease family). Candidates that fail are dropped and counted
 by reason. Entities (diseases, genes, ICD-10-CM categories) are assigned to train/val/test
-by a seeded hash, and a question only uses entities of its own split.
+by a seeded hash, and a question only uses entities of its own split. The train split is
+partitioned once more, the same way, into three *uses* (``USES``): questions whose labelled
+chains train the PRM, questions that become SFT targets, and the GRPO prompts. A disease
+*family* (a disease's ``series_name``: numbered subtypes such as "Noonan syndrome 1" and
+"Noonan syndrome 3" are one family) is the unit of the split, and so are genes and ICD-10-CM
+categories, so no question and no disease family is shared by two uses.
 """
 
 from __future__ import annotations
@@ -21,18 +26,47 @@ from balancedbio.data.formatting import LETTERS
 from balancedbio.data.kg import INHERITANCE_MODES, PHENOTYPIC_ABNORMALITY, KnowledgeGraph, normalise_name, series_name
 
 SPLITS = ("train", "val", "test")
+USES = ("prm", "sft", "grpo")  # the three disjoint parts of the train split
 MIN_TERM_DEPTH = 4  # skip vague phenotypes such as "Abnormality of the nervous system"
+
+
+def _unit_interval(entity: str, seed: int) -> float:
+    digest = hashlib.sha256(f"{seed}:{entity}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def entity_split(entity: str, seed: int, val_fraction: float, test_fraction: float) -> str:
     """Deterministic split of an entity: the same entity lands in the same split every run."""
-    digest = hashlib.sha256(f"{seed}:{entity}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
+    u = _unit_interval(entity, seed)
     if u < test_fraction:
         return "test"
     if u < test_fraction + val_fraction:
         return "val"
     return "train"
+
+
+def entity_use(entity: str, seed: int, val_fraction: float, test_fraction: float,
+               use_fractions: dict[str, float]) -> str:
+    """Which use (PRM / SFT / GRPO) a train entity serves: the rest of its hash interval, cut
+    in proportion to ``use_fractions`` (one hash, so the val/test assignment is unchanged)."""
+    train_start = test_fraction + val_fraction
+    v = (_unit_interval(entity, seed) - train_start) / (1.0 - train_start)
+    total = sum(use_fractions[u] for u in USES)
+    edge = 0.0
+    for use in USES[:-1]:
+        edge += use_fractions[use] / total
+        if v < edge:
+            return use
+    return USES[-1]
+
+
+def partition_label(split: str, use: str | None) -> str:
+    return f"{split}:{use}" if use else split
+
+
+def parse_partition(label: str) -> tuple[str, str | None]:
+    split, _, use = label.partition(":")
+    return split, use or None
 
 
 def lower_first(text: str) -> str:
@@ -56,16 +90,43 @@ class Candidate:
 
 
 class Splitter:
-    """Split of an entity. Numbered subtypes of one disease family share a split, so that
-    'Noonan syndrome 1' in train cannot leak 'Noonan syndrome 3' in test."""
+    """Partition of an entity: its split, and for train entities (when ``use_fractions`` is
+    given) its use, as one label such as "test" or "train:prm". Numbered subtypes of one
+    disease family share a partition, so that 'Noonan syndrome 1' in train cannot leak
+    'Noonan syndrome 3' in test, nor from the PRM's questions into the GRPO prompts."""
 
-    def __init__(self, seed: int, val_fraction: float, test_fraction: float, kg: KnowledgeGraph | None = None):
+    def __init__(self, seed: int, val_fraction: float, test_fraction: float, kg: KnowledgeGraph | None = None,
+                 use_fractions: dict[str, float] | None = None):
         self.seed, self.val, self.test, self.kg = seed, val_fraction, test_fraction, kg
+        self.use_fractions = use_fractions
+        if use_fractions is not None:
+            unknown = sorted(set(use_fractions) ^ set(USES))
+            if unknown or any(v <= 0 for v in use_fractions.values()):
+                raise ValueError(f"kg.use_fractions must give a positive share to each of {list(USES)}, "
+                                 f"got {use_fractions}")
+
+    def unit(self, entity: str) -> str:
+        """What is hashed: a disease's family, else the entity itself (gene, ICD category)."""
+        if self.kg is not None and entity in self.kg.diseases:
+            return disease_family(self.kg, entity)
+        return entity
 
     def __call__(self, entity: str) -> str:
-        if self.kg is not None and entity in self.kg.diseases:
-            entity = "family:" + series_name(self.kg.diseases[entity].name)
-        return entity_split(entity, self.seed, self.val, self.test)
+        unit = self.unit(entity)
+        split = entity_split(unit, self.seed, self.val, self.test)
+        if split != "train" or self.use_fractions is None:
+            return split
+        return partition_label(split, entity_use(unit, self.seed, self.val, self.test, self.use_fractions))
+
+    def labels(self) -> list[str]:
+        if self.use_fractions is None:
+            return list(SPLITS)
+        return [partition_label("train", u) for u in USES] + ["val", "test"]
+
+
+def disease_family(kg: KnowledgeGraph, disease_id: str) -> str:
+    """The disease's family key: its name without a subtype number ('family:noonan syndrome')."""
+    return "family:" + series_name(kg.diseases[disease_id].name)
 
 
 def option_type(kg: KnowledgeGraph, node: str) -> str:
@@ -152,10 +213,10 @@ class Pools:
     def __init__(self, kg: KnowledgeGraph, splitter: Splitter):
         self.kg = kg
         self.splitter = splitter
-        self.diseases = {s: [] for s in SPLITS}
+        self.diseases = {s: [] for s in splitter.labels()}
         for disease_id in sorted(kg.diseases):
             self.diseases[splitter(disease_id)].append(disease_id)
-        self.genes = {s: [] for s in SPLITS}
+        self.genes = {s: [] for s in splitter.labels()}
         for gene in sorted(kg.genes):
             self.genes[splitter(gene)].append(gene)
         counts: dict[str, int] = {}
@@ -584,7 +645,8 @@ def validate(kg: KnowledgeGraph, cand: Candidate, splitter: Splitter | None = No
     return None
 
 
-def render_question(kg: KnowledgeGraph, cand: Candidate, rng: random.Random, split: str, index: int) -> dict:
+def render_question(kg: KnowledgeGraph, cand: Candidate, rng: random.Random, split: str, index: int,
+                    use: str | None = None) -> dict:
     kind = QUESTION_KINDS[cand.kind]
     template = rng.randrange(len(kind.stems))
     question = kind.stems[template].format(**kind.stem_fields(kg, cand))
@@ -594,7 +656,8 @@ def render_question(kg: KnowledgeGraph, cand: Candidate, rng: random.Random, spl
     options = {LETTERS[i]: kg.name(node) for i, node in enumerate(ordered)}
     answer = LETTERS[ordered.index(cand.key)]
     provenance = kind.support(kg, cand) + [kind.eliminate(kg, cand, d) for d in cand.distractors]
-    return {
+    diseases = sorted({n for n in split_entities(kg, cand) if n in kg.diseases})
+    row = {
         "id": f"kg-{split}-{index:06d}",
         "split": split,
         "kind": cand.kind,
@@ -607,12 +670,16 @@ def render_question(kg: KnowledgeGraph, cand: Candidate, rng: random.Random, spl
         "subject": cand.subject,
         "presented": cand.presented,
         "entities": {
-            "diseases": sorted({n for n in split_entities(kg, cand) if n in kg.diseases}),
+            "diseases": diseases,
             "genes": sorted({n for n in split_entities(kg, cand) if n in kg.genes}),
             "icd10cm": sorted({n for n in split_entities(kg, cand) if n in kg.icd}),
         },
+        "families": sorted({disease_family(kg, d) for d in diseases}),
         "provenance": provenance,
     }
+    if use is not None:
+        row["use"] = use
+    return row
 
 
 def candidate_from_row(row: dict) -> Candidate:
@@ -623,14 +690,17 @@ def candidate_from_row(row: dict) -> Candidate:
 
 
 def generate_questions(kg: KnowledgeGraph, *, num_questions: int, kinds: dict[str, float], seed: int,
-                       val_fraction: float, test_fraction: float, progress: bool = True) -> tuple[list[dict], dict]:
-    """Generate validated questions; return (rows in split order, statistics incl. drop reasons)."""
+                       val_fraction: float, test_fraction: float, use_fractions: dict[str, float] | None = None,
+                       progress: bool = True) -> tuple[list[dict], dict]:
+    """Generate validated questions; return (rows in split order, statistics incl. drop reasons).
+
+    With ``use_fractions`` every train question also carries its ``use`` (see ``USES``)."""
     from tqdm.auto import tqdm
 
     unknown = sorted(set(kinds) - set(QUESTION_KINDS))
     if unknown:
         raise ValueError(f"unknown question kinds {unknown}; known: {sorted(QUESTION_KINDS)}")
-    splitter = Splitter(seed, val_fraction, test_fraction, kg)
+    splitter = Splitter(seed, val_fraction, test_fraction, kg, use_fractions)
     pools = Pools(kg, splitter)
     total_weight = sum(kinds.values())
     rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
@@ -654,8 +724,8 @@ def generate_questions(kg: KnowledgeGraph, *, num_questions: int, kinds: dict[st
             if reason:
                 dropped[reason] = dropped.get(reason, 0) + 1
                 continue
-            split = splitter(split_entities(kg, cand)[0])
-            rows[split].append(render_question(kg, cand, rng, split, 0))
+            split, use = parse_partition(splitter(split_entities(kg, cand)[0]))
+            rows[split].append(render_question(kg, cand, rng, split, 0, use))
             made += 1
             bar.update()
         stats["per_kind"][kind_name] = {"requested": quota, "made": made, "subjects_available": len(subjects)}
@@ -667,4 +737,6 @@ def generate_questions(kg: KnowledgeGraph, *, num_questions: int, kinds: dict[st
             row["id"] = f"kg-{split}-{index:06d}"
             out.append(row)
         stats[f"n_{split}"] = len(rows[split])
+    if use_fractions is not None:
+        stats["train_uses"] = {use: sum(r.get("use") == use for r in rows["train"]) for use in USES}
     return out, stats

@@ -26,7 +26,14 @@ def build_kg(out_path: str | Path) -> dict:
 
 
 def kg_synth(graph_path: str | Path, *, kg_config: dict, sft_config: dict, seed: int, outputs: dict) -> dict:
-    """Questions (train/val/test), reasoning chains with step labels, SFT conversations, statistics."""
+    """Questions (train/val/test), reasoning chains with step labels, SFT conversations, statistics.
+
+    Train questions are split three ways by ``use`` (see ``balancedbio.data.mcq.USES``):
+    mcq_train.jsonl holds them all, each with its ``use``; steps.jsonl holds the labelled
+    chains of the PRM's questions only (plus val/test chains for evaluation); sft.jsonl the
+    SFT questions' sound chains; the GRPO prompts are the ``use: grpo`` rows of mcq_train
+    (``decontaminate`` keeps only those in clean/mcq_train.jsonl).
+    """
     from balancedbio.data.instruct import generate_sft_instruct
     from balancedbio.data.kg import KnowledgeGraph
     from balancedbio.data.mcq import QUESTION_KINDS, generate_questions
@@ -37,19 +44,23 @@ def kg_synth(graph_path: str | Path, *, kg_config: dict, sft_config: dict, seed:
     kinds = kg_config.get("kinds") or {name: 1.0 for name in QUESTION_KINDS}
     questions, stats = generate_questions(
         kg, num_questions=kg_config["num_questions"], kinds=kinds, seed=seed,
-        val_fraction=kg_config["val_fraction"], test_fraction=kg_config["test_fraction"])
+        val_fraction=kg_config["val_fraction"], test_fraction=kg_config["test_fraction"],
+        use_fractions=kg_config["use_fractions"])
     by_split = {s: [q for q in questions if q["split"] == s] for s in ("train", "val", "test")}
     for split, rows in by_split.items():
         write_jsonl(outputs[f"mcq_{split}"], rows)
 
-    steps = build_step_rows(kg, questions, seed, kg_config["flawed_chains_per_question"])
+    chains = build_step_rows(kg, questions, seed, kg_config["flawed_chains_per_question"])
+    steps = [c for c in chains if c["split"] != "train" or c["use"] == "prm"]
     write_jsonl(outputs["steps"], steps)
     stats["step_labels"] = {s: label_counts([c for c in steps if c["split"] == s]) for s in by_split}
 
-    medical = [sft_conversation(c) for c in steps if c["split"] == "train" and c["chain"] == "sound"]
+    medical = [sft_conversation(c) for c in chains if c["split"] == "train" and c["use"] == "sft"
+               and c["chain"] == "sound"]
     fraction = sft_config["instruct_fraction"]
     n_instruct = round(len(medical) * fraction / (1 - fraction)) if fraction < 1 else len(medical)
-    train_diseases = sorted({d for q in by_split["train"] for d in q["entities"]["diseases"]})
+    # Instruction conversations talk about the SFT questions' diseases only (no other use's family).
+    train_diseases = sorted({d for q in by_split["train"] if q.get("use") == "sft" for d in q["entities"]["diseases"]})
     instruct, instruct_stats = generate_sft_instruct(
         kg, train_diseases, num_conversations=n_instruct, seed=seed,
         min_instructions=sft_config["min_instructions"], max_instructions=sft_config["max_instructions"])
@@ -80,7 +91,9 @@ def instruct_prompts(graph_path: str | Path, mcq_train_path: str | Path, *, inst
     from balancedbio.ifeval import instruction_registry
 
     kg = KnowledgeGraph.load(graph_path)
-    train_diseases = sorted({d for q in read_jsonl(mcq_train_path) for d in q["entities"]["diseases"]})
+    # Medical instruction prompts are GRPO prompts: only the GRPO questions' diseases.
+    train_diseases = sorted({d for q in read_jsonl(mcq_train_path) if q.get("use", "grpo") == "grpo"
+                             for d in q["entities"]["diseases"]})
     ids = instruct_config.get("instruction_ids") or sorted(
         i for i in instruction_registry() if i != "language:response_language")
     unknown = sorted(set(ids) - set(instruction_registry()))
@@ -144,6 +157,10 @@ def decontaminate(*, sources: dict[str, str], external: list[tuple[str, str, str
     report = {"ngram": ngram, "threshold": threshold, "benchmarks_checked": dict(index.sizes),
               "benchmarks_missing": missing, "benchmarks_dir": benchmarks_dir, "outputs": {},
               "external": external_status}
+    # clean/mcq_train.jsonl is the GRPO prompt set: KG questions whose `use` is the PRM or SFT
+    # stay out of it (ingested MCQ rows have no `use` and are GRPO prompts).
+    reserved = {"mcq_train": sum(r.get("use", "grpo") != "grpo" for r in merged["mcq_train"])}
+    merged["mcq_train"] = [r for r in merged["mcq_train"] if r.get("use", "grpo") == "grpo"]
     for name, rows in merged.items():
         # Chains of kg_mcq's own test questions are held-out PRM evaluation data, not training
         # data: they may share text with kg_mcq's test split, but not with the other benchmarks.
@@ -154,6 +171,8 @@ def decontaminate(*, sources: dict[str, str], external: list[tuple[str, str, str
         counts = _merge_counts(counts, held_out_counts)
         write_jsonl(outputs[name], kept + kept_held_out)
         counts["per_source"] = _per_source(rows, kept + kept_held_out)
+        if name in reserved:
+            counts["reserved_for_prm_or_sft"] = reserved[name]
         report["outputs"][name] = counts
         log.info("decontaminate %s: kept %d of %d (dropped %s)", name, counts["kept"], counts["total"],
                  counts["dropped_by_benchmark"] or 0)

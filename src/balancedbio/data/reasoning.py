@@ -54,9 +54,13 @@ def _step(text: str, label: str, fact: dict | None) -> dict:
     return {"text": text, "label": label, "fact": fact}
 
 
+def conclusion_text(letter: str, option_text: str | None) -> str:
+    """The conclusion step as the chains word it (the PRM reads a completion's answer line so too)."""
+    return f"Therefore, the answer is {letter}: {option_text}." if option_text else f"Therefore, the answer is {letter}."
+
+
 def _conclusion(letter: str, option_text: str) -> dict:
-    return _step(f"Therefore, the answer is {letter}: {option_text}.", None, {"relation": "conclusion",
-                                                                                  "object": letter})
+    return _step(conclusion_text(letter, option_text), None, {"relation": "conclusion", "object": letter})
 
 
 FLAW_SHAPES = ("corrupted_fact", "wrong_inference", "non_sequitur")
@@ -106,10 +110,12 @@ def build_chains(kg: KnowledgeGraph, row: dict, rng: random.Random, flawed_per_q
             "id": f"{row['id']}-{name}",
             "question_id": row["id"],
             "split": row["split"],
+            "use": row.get("use"),
             "kind": row["kind"],
             "chain": "sound" if flaw is None else "flawed",
             "flaw": flaw,
             "question": prompt,
+            "options": row["options"],
             "answer": row["answer"],
             "steps": steps,
         })
@@ -128,6 +134,8 @@ def sft_conversation(chain: dict) -> dict:
     steps = [s["text"] for s in chain["steps"] if s["label"] == VALID and s["fact"]["relation"] != "conclusion"]
     return {
         "id": f"sft-{chain['question_id']}",
+        "question_id": chain["question_id"],
+        "use": chain.get("use"),
         "source": "kg_mcq",
         "capability": "medical",
         "messages": [
