@@ -46,6 +46,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from balancedbio.aoc import (Projector, average_across_ranks, cosine_from_gramian, cosine_gradient_directions, dynamic_lambda,
                              gramian, orthogonality_penalty)
+from balancedbio.ppo import CriticAdvantage
 from balancedbio.weights import WeightController, build_weight_controller
 
 log = logging.getLogger(__name__)
@@ -568,6 +569,10 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
             log.info("restored reward weights %s from %s", self.weight_controller.weights, checkpoint)
 
 
+class CriticAdvantageTrainer(CriticAdvantage, BalancedGRPOTrainer):
+    """The ``ppo`` ablation: ``BalancedGRPOTrainer`` with a learned critic's GAE advantages (``balancedbio.ppo``)."""
+
+
 # Keys of TRL's logs copied into dynamics.jsonl, under shorter names.
 _TRL_LOG_KEYS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm", "reward": "reward",
                  "reward_std": "reward_std", "kl": "kl", "entropy": "entropy",
@@ -703,13 +708,14 @@ def build_trainer(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: 
                   output_dir: str, world_size: int = 1, deepspeed: str | None = None, callbacks: Sequence = (),
                   vanilla: bool = False, generation_kwargs: dict | None = None):
     """The trainer of one variant (or, with ``vanilla``, TRL's GRPOTrainer on the same setup and batches)."""
-    from balancedbio.models import load_causal_lm, load_tokenizer
+    from balancedbio.models import load_causal_lm, load_tokenizer, training_dtype
     from balancedbio.rewards import build_reward_functions
 
     dataset = build_prompt_dataset(mcq_path, prompts_path, max_prompts=settings["grpo"]["max_prompts"],
                                    seed=settings["seed"])
     tokenizer = load_tokenizer(model_dir, trust_remote_code=settings["trust_remote_code"])
-    model = load_causal_lm(model_dir, dtype="bfloat16" if settings["training"]["bf16"] else "float32",
+    training = settings["training"]
+    model = load_causal_lm(model_dir, dtype=training_dtype(training["bf16"], training["use_lora"]),
                            trust_remote_code=settings["trust_remote_code"])
     reward_funcs = build_reward_functions(settings["rewards"], prm_dir if settings["use_prm"] else None)
     args = grpo_config(settings, output_dir, world_size, deepspeed)
@@ -725,8 +731,6 @@ def build_trainer(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: 
     kwargs.update(weight_controller=build_weight_controller(settings["weights"], [f.name for f in reward_funcs]),
                   aoc_config=settings["aoc"])
     if settings["advantage"] == "critic":
-        from balancedbio.ppo import CriticAdvantageTrainer
-
         return CriticAdvantageTrainer(**kwargs, critic_model_dir=model_dir, ppo_config=settings["ppo"]), tokenizer
     return BalancedGRPOTrainer(**kwargs), tokenizer
 
