@@ -1,7 +1,7 @@
 """AOC under data parallel, for real: two CPU processes (torch.distributed, gloo) against one.
 
 The same module is the worker: ``python -m torch.distributed.run --nproc_per_node 2
-tests/test_distributed.py --worker OUT SCENARIO`` builds ``BalancedGRPOTrainer`` on a tiny
+tests/test_distributed.py --worker OUT`` builds ``BalancedGRPOTrainer`` on a tiny
 Llama in every process, wraps it in DDP through the trainer's accelerator, gives each rank its
 half of one fixed global batch and runs the trainer's own AOC step (``orthogonality_step``)
 and a real optimizer step. Run without ``torch.distributed.run`` (one process, the whole
@@ -56,7 +56,16 @@ def global_batch(scenario: str) -> dict:
     }
 
 
-def worker(out_dir: str, scenario: str) -> None:
+def worker(out_dir: str) -> None:
+    import torch
+
+    for scenario in sorted(SCENARIOS):
+        _aoc_step(out_dir, scenario)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _aoc_step(out_dir: str, scenario: str) -> None:
     import torch
     from datasets import Dataset
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -106,35 +115,41 @@ def worker(out_dir: str, scenario: str) -> None:
     result = {"world": world, "rank": rank, "loss": float(loss), "grad": grads.tolist(), "delta": delta.tolist(),
               **{k: record.get(k) for k in ("s_cos", "l_orth", "aoc_lambda", "aoc_fired", "grad_norm_medical",
                                              "grad_norm_instruction", "aoc_note")}}
-    (Path(out_dir) / f"result_{world}_{rank}.json").write_text(json.dumps(result), encoding="utf-8")
+    (Path(out_dir) / f"{scenario}_{world}_{rank}.json").write_text(json.dumps(result), encoding="utf-8")
     accelerator.wait_for_everyone()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
-def _run(tmp_path: Path, scenario: str, processes: int) -> list[dict]:
+def _run(tmp_path: Path, processes: int) -> dict[str, list[dict]]:
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    out = tmp_path / f"{scenario}_{processes}"
+    out = tmp_path / f"processes_{processes}"
     out.mkdir()
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                  "--master_addr", "127.0.0.1", "--master_port", str(29500 + os.getpid() % 1000 + processes)]
                 if processes > 1 else [sys.executable])
     try:
-        done = subprocess.run([*launcher, str(HERE), "--worker", str(out), scenario], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=240)
+        done = subprocess.run([*launcher, str(HERE), "--worker", str(out)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired as err:  # a hang (a collective some rank never joins)
-        raise AssertionError(f"{processes}-process AOC step did not finish in 240 s:\n{err.stderr}") from None
+        raise AssertionError(f"{processes}-process AOC steps did not finish in 300 s:\n{err.stderr}") from None
     assert done.returncode == 0, f"{processes}-process AOC step failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    return [json.loads((out / f"result_{processes}_{rank}.json").read_text()) for rank in range(processes)]
+    return {scenario: [json.loads((out / f"{scenario}_{processes}_{rank}.json").read_text())
+                       for rank in range(processes)] for scenario in SCENARIOS}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[int, dict[str, list[dict]]]:
+    """Every scenario in one process and in two (one launch each: start-up dominates)."""
+    tmp_path = tmp_path_factory.mktemp("aoc_ddp")
+    return {processes: _run(tmp_path, processes) for processes in (1, 2)}
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
-def test_aoc_penalty_step_in_two_processes_matches_one(tmp_path, scenario):
+def test_aoc_penalty_step_in_two_processes_matches_one(runs, scenario):
     import torch
 
-    single, = _run(tmp_path, scenario, 1)
-    ranks = _run(tmp_path, scenario, 2)
+    single, = runs[1][scenario]
+    ranks = runs[2][scenario]
     assert single["aoc_fired"] is True and single["l_orth"] > 0  # tau = 0: the penalty acts
     for result in ranks:
         # The global batch's cosine on every rank, and the same decision everywhere.
@@ -153,4 +168,4 @@ def test_aoc_penalty_step_in_two_processes_matches_one(tmp_path, scenario):
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
-    worker(sys.argv[2], sys.argv[3])
+    worker(sys.argv[2])

@@ -18,9 +18,12 @@ advantages, clipped ratio, KL against the reference policy); this subclass adds:
   optimizer steps ``training_step`` computes TRL's own loss on the medical rows and on the
   instruction rows of the micro-batch (scaled so they sum exactly to the full loss), takes
   one ``torch.autograd.grad`` per capability over the trainable parameters (the LoRA
-  weights when LoRA is on), and then, by mode: ``penalty`` adds L_orth through a double
-  backward, ``project`` combines them with PCGrad/GradVac, ``monitor`` only logs S_cos;
-  ``off`` leaves TRL's step untouched.
+  weights when LoRA is on), and then, by mode: ``penalty`` adds the gradient of L_orth
+  (finite-difference Hessian-vector products, or a double backward), ``project`` combines
+  them with PCGrad/GradVac, ``monitor`` only logs S_cos; ``off`` leaves TRL's step untouched.
+  These gradients and probes run in fp32 (autocast off). Under DDP/DeepSpeed they are averaged
+  across ranks before S_cos, every branch is taken from the averaged values, and the update is
+  one ``accelerator.backward`` (see ``orthogonality_step``).
 - One JSON line per optimizer step in ``dynamics.jsonl`` and checkpoints that carry the
   controller state, so a killed run resumes where it stopped.
 """
@@ -176,7 +179,9 @@ class _fp32_forward:
         self.trainer, self.model = trainer, model
 
     def __enter__(self):
-        self.wrapped_forward = None
+        self.wrapped_forward, self.autocast = None, None
+        if any(p.dtype != torch.float32 for p in self.model.parameters()):
+            return self  # bf16 weights (a DeepSpeed bf16 engine) need autocast: their own precision it is
         if "_original_forward" in self.model.__dict__:  # accelerate's autocast wrapper
             self.wrapped_forward = self.model.__dict__.get("forward")
             self.model.forward = self.model.__dict__["_original_forward"]
@@ -187,6 +192,8 @@ class _fp32_forward:
         return self
 
     def __exit__(self, *exc):
+        if self.autocast is None:
+            return False
         self.autocast.__exit__(*exc)
         self.trainer.accelerator.__dict__.pop("autocast", None)
         if self.wrapped_forward is not None:
@@ -602,6 +609,7 @@ class DynamicsWriter(TrainerCallback):
         row.update(trainer.pop_step_record())
         row.setdefault("s_cos", None)
         row.setdefault("l_orth", None)
+        row.setdefault("aoc_fired", None)
         row = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as handle:
@@ -715,7 +723,8 @@ def build_trainer(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: 
                                    seed=settings["seed"])
     tokenizer = load_tokenizer(model_dir, trust_remote_code=settings["trust_remote_code"])
     training = settings["training"]
-    model = load_causal_lm(model_dir, dtype=training_dtype(training["bf16"], training["use_lora"]),
+    model = load_causal_lm(model_dir, dtype=training_dtype(training["bf16"], training["use_lora"],
+                                                           settings["aoc"]["mode"]),
                            trust_remote_code=settings["trust_remote_code"])
     reward_funcs = build_reward_functions(settings["rewards"], prm_dir if settings["use_prm"] else None)
     args = grpo_config(settings, output_dir, world_size, deepspeed)
