@@ -91,8 +91,10 @@ def _aoc_step(out_dir: str, scenario: str) -> None:
     trainer = BalancedGRPOTrainer(model=model, reward_funcs=[AccuracyReward(), InstructionReward()], args=args,
                                   train_dataset=dataset, processing_class=_tokenizer(),
                                   weight_controller=PIDWeights(["accuracy", "instruction"]),
-                                  aoc_config={"mode": "penalty", "tau": 0.0, "lambda": 0.6,
-                                              "lambda_scaling": "gradient_norm",
+                                  # A large constant lambda: the penalty's gradient is a sizeable part of
+                                  # the update, so a mis-scaled surrogate could not hide in the tolerance.
+                                  aoc_config={"mode": "penalty", "tau": 0.0, "lambda": 30.0,
+                                              "lambda_scaling": "constant",
                                               "penalty_gradient": "finite_difference"})
     accelerator = trainer.accelerator
     assert accelerator.num_processes == world, (accelerator.num_processes, world)
@@ -114,7 +116,7 @@ def _aoc_step(out_dir: str, scenario: str) -> None:
     record = trainer.pop_step_record()
     result = {"world": world, "rank": rank, "loss": float(loss), "grad": grads.tolist(), "delta": delta.tolist(),
               **{k: record.get(k) for k in ("s_cos", "l_orth", "aoc_lambda", "aoc_fired", "grad_norm_medical",
-                                             "grad_norm_instruction", "aoc_note")}}
+                                             "grad_norm_instruction", "grad_norm_penalty", "aoc_note")}}
     (Path(out_dir) / f"{scenario}_{world}_{rank}.json").write_text(json.dumps(result), encoding="utf-8")
     accelerator.wait_for_everyone()
 
@@ -151,6 +153,7 @@ def test_aoc_penalty_step_in_two_processes_matches_one(runs, scenario):
     single, = runs[1][scenario]
     ranks = runs[2][scenario]
     assert single["aoc_fired"] is True and single["l_orth"] > 0  # tau = 0: the penalty acts
+    assert single["grad_norm_penalty"] > 0.2 * float(torch.tensor(single["grad"]).norm())
     for result in ranks:
         # The global batch's cosine on every rank, and the same decision everywhere.
         assert result["s_cos"] == pytest.approx(single["s_cos"], abs=1e-4)
@@ -158,6 +161,7 @@ def test_aoc_penalty_step_in_two_processes_matches_one(runs, scenario):
         assert result["l_orth"] == pytest.approx(single["l_orth"], rel=1e-3, abs=1e-7)
         assert result["aoc_lambda"] == pytest.approx(single["aoc_lambda"], rel=1e-3)
         assert result["grad_norm_medical"] == pytest.approx(single["grad_norm_medical"], rel=1e-4)
+        assert result["grad_norm_penalty"] == pytest.approx(single["grad_norm_penalty"], rel=1e-3)
         grad, delta = torch.tensor(result["grad"]), torch.tensor(result["delta"])
         expected_grad, expected_delta = torch.tensor(single["grad"]), torch.tensor(single["delta"])
         # The applied update (DDP-averaged TRL loss + the penalty's surrogate) is the single-process one.

@@ -503,7 +503,7 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
         if no_signal:
             cosine = torch.tensor(math.nan)
             record["aoc_note"] = f"zero advantages: {', '.join(no_signal)}"
-        penalty, lam, grads_orth = None, 0.0, None
+        penalty, lam, grads_orth, unit_norm = None, 0.0, None, 0.0
         if mode == "penalty":
             unit_penalty = orthogonality_penalty(cosine, 1.0, self.aoc["tau"])
             if unit_penalty is not None:
@@ -519,7 +519,7 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
                 grads_orth = [None if g is None else lam * g.detach() for g in grads_unit]
         record.update(s_cos=float(cosine.detach()), l_orth=float(penalty) if penalty is not None else 0.0,
                       aoc_lambda=lam, aoc_fired=penalty is not None, grad_norm_medical=norm_r,
-                      grad_norm_instruction=norm_i)
+                      grad_norm_instruction=norm_i, grad_norm_penalty=lam * unit_norm)
 
         if distributed:
             # TRL's loss through the DDP/DeepSpeed wrapper: one backward per micro-batch for its hooks,
