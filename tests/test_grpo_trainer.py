@@ -75,14 +75,19 @@ def _flat(grads):
 
 
 def _reference(trainer, inputs):
-    """Per-capability gradients and the full-batch gradient, computed independently."""
+    """Per-capability gradients and the full-batch gradient, computed independently.
+
+    In fp32 like AOC's own gradients (TRL's GRPOConfig defaults to bf16 autocast)."""
+    from balancedbio.grpo import _fp32_forward
+
     model = trainer.model
     params = [p for p in model.parameters() if p.requires_grad]
-    loss_r, loss_i = trainer.capability_losses(model, inputs)
-    g_r = torch.autograd.grad(loss_r, params)
-    g_i = torch.autograd.grad(loss_i, params)
-    full = trainer._compute_loss(model, inputs)
-    g_full = torch.autograd.grad(full, params)
+    with _fp32_forward(trainer, model):
+        loss_r, loss_i = trainer.capability_losses(model, inputs)
+        g_r = torch.autograd.grad(loss_r, params)
+        g_i = torch.autograd.grad(loss_i, params)
+        full = trainer._compute_loss(model, inputs)
+        g_full = torch.autograd.grad(full, params)
     return loss_r, loss_i, full, g_r, g_i, g_full
 
 

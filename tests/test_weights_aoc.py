@@ -149,6 +149,80 @@ def test_projection_leaves_agreeing_gradients_alone():
     assert torch.allclose(combined, g_r[0] + g_i[0])
 
 
+# -- AOC precision and the trainer's module graph ------------------------------------------
+
+def _tiny_bf16_trainer(tmp_path, weights_dtype: str):
+    """A BalancedGRPOTrainer with ``bf16`` compute on a tiny Llama loaded through ``load_causal_lm``."""
+    pytest.importorskip("trl")
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import GRPOConfig
+
+    from balancedbio.grpo import BalancedGRPOTrainer
+    from balancedbio.models import load_causal_lm
+    from balancedbio.rewards import AccuracyReward, InstructionReward
+    from test_distributed import _tokenizer, global_batch
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, eos_token_id=2, bos_token_id=None)
+    saved = tmp_path / f"tiny_{weights_dtype}"
+    LlamaForCausalLM(config).save_pretrained(saved, safe_serialization=True)
+    model = load_causal_lm(str(saved), dtype=weights_dtype)
+    from datasets import Dataset
+
+    dataset = Dataset.from_list([{"prompt": "w1 w2", "capability": "medical", "answer": "A"},
+                                 {"prompt": "w3 w4", "capability": "instruction", "answer": None}])
+    args = GRPOConfig(output_dir=str(tmp_path / f"out_{weights_dtype}"), per_device_train_batch_size=8,
+                      num_generations=2, beta=0.0, max_completion_length=4, loss_type="grpo", report_to=[],
+                      use_cpu=True, bf16=True, learning_rate=1e-6, lr_scheduler_type="constant", max_steps=1)
+    trainer = BalancedGRPOTrainer(model=model, reward_funcs=[AccuracyReward(), InstructionReward()], args=args,
+                                  train_dataset=dataset, processing_class=_tokenizer(),
+                                  weight_controller=PIDWeights(["accuracy", "instruction"]),
+                                  aoc_config={"mode": "penalty", "tau": 0.0, "lambda": 0.6})
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.create_optimizer()
+    wrapped, optimizer = trainer.accelerator.prepare(trainer.model, trainer.optimizer)
+    wrapped.train()
+    return trainer, wrapped, optimizer, global_batch("mixed")
+
+
+def _changed_fraction_after_one_step(tmp_path, weights_dtype: str) -> tuple[float, dict, list]:
+    trainer, model, optimizer, inputs = _tiny_bf16_trainer(tmp_path, weights_dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    optimizer.zero_grad()
+    trainer.orthogonality_step(model, inputs)
+    # The finite-difference probes shift the weights and put them back exactly (copied, not subtracted).
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    optimizer.step()
+    changed = sum(int((p.detach() != b).sum()) for p, b in zip(params, before))
+    return changed / sum(p.numel() for p in params), trainer.pop_step_record(), params
+
+
+def test_bf16_full_fine_tuning_keeps_fp32_master_weights_that_move_at_lr_1e_6(tmp_path):
+    from balancedbio.models import training_dtype
+
+    assert training_dtype(bf16=True, use_lora=False) == "float32"  # full fine-tuning: fp32 master weights
+    assert training_dtype(bf16=True, use_lora=True) == "bfloat16"  # LoRA without AOC: frozen base only
+    assert training_dtype(bf16=True, use_lora=True, aoc_mode="penalty") == "float32"  # fp32 AOC forwards
+    fraction, record, params = _changed_fraction_after_one_step(tmp_path, training_dtype(True, False))
+    assert all(p.dtype == torch.float32 for p in params)
+    assert record["aoc_fired"] is True and math.isfinite(record["s_cos"])
+    assert fraction > 0.9, fraction
+    # What the fp32 master copy prevents: the same step on bf16 weights rounds most updates away.
+    fraction_bf16, _, _ = _changed_fraction_after_one_step(tmp_path, "bfloat16")
+    assert fraction_bf16 < 0.5 * fraction, (fraction_bf16, fraction)
+
+
+def test_ppo_does_not_import_grpo():
+    import subprocess
+    import sys
+
+    code = "import sys, balancedbio.ppo; sys.exit('balancedbio.grpo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
 # -- GAE (the ppo ablation) -------------------------------------------------------------------
 
 def test_gae_against_a_hand_computed_example():

@@ -19,6 +19,9 @@ does not reach), so nothing is flattened into one huge vector.
 - ``project``: PCGrad or GradVac from torchjd. Both are Gramian-based, so the 2x2 Gramian of
   (g_R, g_I) is computed here from per-parameter dot products and torchjd returns the two
   combination weights; the combined gradient is a g_R + b g_I, parameter by parameter.
+- ``average_across_ranks``: data parallel. Each rank's g_R and g_I come from its own slice of
+  the batch; S_cos of the *global* batch needs their rank average (what DDP applies), in one
+  collective that every rank calls.
 """
 
 from __future__ import annotations
@@ -39,6 +42,23 @@ def _dot(a: Gradients, b: Gradients) -> torch.Tensor:
         term = (x.float() * y.float()).sum()
         total = term if total is None else total + term
     return total if total is not None else torch.zeros(())
+
+
+def average_across_ranks(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The rank average of each tensor, in float32, with one all-reduce of a flat buffer.
+
+    Every rank must call it with the same shapes in the same order (a collective). Without an
+    initialised process group, or with one rank, it returns the tensors in float32.
+    """
+    import torch.distributed as dist
+
+    tensors = list(tensors)
+    if not tensors or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [t.detach().float() for t in tensors]
+    flat = torch.cat([t.detach().float().reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def gramian(g_r: Gradients, g_i: Gradients) -> torch.Tensor:

@@ -18,15 +18,19 @@ advantages, clipped ratio, KL against the reference policy); this subclass adds:
   optimizer steps ``training_step`` computes TRL's own loss on the medical rows and on the
   instruction rows of the micro-batch (scaled so they sum exactly to the full loss), takes
   one ``torch.autograd.grad`` per capability over the trainable parameters (the LoRA
-  weights when LoRA is on), and then, by mode: ``penalty`` adds L_orth through a double
-  backward, ``project`` combines them with PCGrad/GradVac, ``monitor`` only logs S_cos;
-  ``off`` leaves TRL's step untouched.
+  weights when LoRA is on), and then, by mode: ``penalty`` adds the gradient of L_orth
+  (finite-difference Hessian-vector products, or a double backward), ``project`` combines
+  them with PCGrad/GradVac, ``monitor`` only logs S_cos; ``off`` leaves TRL's step untouched.
+  These gradients and probes run in fp32 (autocast off). Under DDP/DeepSpeed they are averaged
+  across ranks before S_cos, every branch is taken from the averaged values, and the update is
+  one ``accelerator.backward`` (see ``orthogonality_step``).
 - One JSON line per optimizer step in ``dynamics.jsonl`` and checkpoints that carry the
   controller state, so a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -43,8 +47,9 @@ from torch.utils.data import Sampler
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from balancedbio.aoc import (Projector, cosine_from_gramian, cosine_gradient_directions, dynamic_lambda,
+from balancedbio.aoc import (Projector, average_across_ranks, cosine_from_gramian, cosine_gradient_directions, dynamic_lambda,
                              gramian, orthogonality_penalty)
+from balancedbio.ppo import CriticAdvantage
 from balancedbio.weights import WeightController, build_weight_controller
 
 log = logging.getLogger(__name__)
@@ -126,6 +131,76 @@ class _restored_rng:
         return False
 
 
+class _quiet_loss:
+    """TRL's ``_compute_loss`` without its metrics, its collectives or its entropy controller's update.
+
+    AOC evaluates extra losses (per capability, at shifted weights) that TRL must not log, and
+    under data parallel a rank may run fewer of them than another (one capability only on it):
+    a gather there would wait for ranks that never join. Inside the block the accelerator's
+    gather/reduce act on the local tensor only (they feed metrics alone in ``_compute_loss``).
+    """
+
+    _COLLECTIVES = ("gather", "gather_for_metrics", "reduce")
+    _CONTROLLER = ("entropy_coef", "_last_world_entropy", "_entropy_window_stats")
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def __enter__(self):
+        trainer, accelerator = self.trainer, self.trainer.accelerator
+        self.metrics = trainer._metrics
+        trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.controller = {name: getattr(trainer, name) for name in self._CONTROLLER if hasattr(trainer, name)}
+        accelerator.gather = lambda tensor: tensor
+        accelerator.gather_for_metrics = lambda tensor, *args, **kwargs: tensor
+        accelerator.reduce = lambda tensor, reduction="sum", scale=1.0: tensor
+        return self
+
+    def __exit__(self, *exc):
+        trainer = self.trainer
+        for name in self._COLLECTIVES:
+            trainer.accelerator.__dict__.pop(name, None)
+        trainer._metrics = self.metrics
+        for name, value in self.controller.items():
+            setattr(trainer, name, value)
+        return False
+
+
+class _fp32_forward:
+    """Forward passes in the weights' own precision: autocast off, also inside the wrappers.
+
+    With ``bf16`` and fp32 master weights, accelerate wraps the model's forward in a bf16
+    autocast and TRL's log-prob helper opens ``accelerator.autocast()``; AOC's gradients and
+    finite-difference probes need fp32 (a forward difference of bf16 gradients is noise), so
+    both are switched off for the block.
+    """
+
+    def __init__(self, trainer, model):
+        self.trainer, self.model = trainer, model
+
+    def __enter__(self):
+        self.wrapped_forward, self.autocast = None, None
+        if any(p.dtype != torch.float32 for p in self.model.parameters()):
+            return self  # bf16 weights (a DeepSpeed bf16 engine) need autocast: their own precision it is
+        if "_original_forward" in self.model.__dict__:  # accelerate's autocast wrapper
+            self.wrapped_forward = self.model.__dict__.get("forward")
+            self.model.forward = self.model.__dict__["_original_forward"]
+        self.trainer.accelerator.autocast = lambda *args, **kwargs: contextlib.nullcontext()
+        device = next(self.model.parameters()).device.type
+        self.autocast = torch.autocast(device_type=device, enabled=False)
+        self.autocast.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.autocast is None:
+            return False
+        self.autocast.__exit__(*exc)
+        self.trainer.accelerator.__dict__.pop("autocast", None)
+        if self.wrapped_forward is not None:
+            self.model.forward = self.wrapped_forward
+        return False
+
+
 def _select_rows(inputs: dict, mask: torch.Tensor) -> dict:
     rows = mask.shape[0]
     return {key: value[mask] if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == rows
@@ -192,8 +267,13 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
         if self.aoc["mode"] == "project" and distributed:
             raise ValueError("aoc.mode=project rewrites the gradients in place, which DeepSpeed and multi-process "
                              "data parallel do not allow; use penalty or monitor there, or run on one device")
+        if distributed and self.aoc["mode"] == "penalty" and self.aoc["penalty_gradient"] == "exact":
+            raise ValueError("aoc.penalty_gradient=exact differentiates each rank's own gradients, which the "
+                             "cross-rank average does not carry; use finite_difference under DeepSpeed or "
+                             "multi-process data parallel")
         # Under DeepSpeed / DDP the update must go through accelerator.backward (their hooks reduce and
-        # partition gradients), so AOC's two gradients are then taken for S_cos only.
+        # partition gradients): AOC's gradients are averaged across ranks for S_cos and the penalty's
+        # probes, and the update is one backward of TRL's loss plus a surrogate of the penalty.
         self._aoc_through_backward = distributed
         self.projector = Projector(self.aoc["projection"], self.aoc["gradvac_beta"]) \
             if self.aoc["mode"] == "project" else None
@@ -239,22 +319,28 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
             return float(part["completion_mask"].sum() / whole["completion_mask"].sum().clamp(min=1))
         return 1.0  # dapo, cispo, vespo: normalised by the global token count already
 
-    def capability_losses(self, model, inputs: dict, differentiable: bool = False
-                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """TRL's loss on the medical rows and on the instruction rows; ``None`` if one is absent."""
+    def capability_losses(self, model, inputs: dict, differentiable: bool = False, quiet: bool = False
+                          ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """TRL's loss on the medical rows and on the instruction rows (``None`` for one absent here).
+
+        ``quiet``: without TRL's metrics and collectives (data parallel: the update's own forward
+        logs them once on every rank, and a rank may hold one capability only).
+        """
         is_medical = inputs["is_medical"]
-        if bool(is_medical.all()) or not bool(is_medical.any()):
-            return None
-        medical, instruction = _select_rows(inputs, is_medical), _select_rows(inputs, ~is_medical)
         self._double_backward = differentiable
         # Remember each part (and its RNG state, for LoRA dropout) to re-evaluate it at shifted weights.
         self._capability_parts = []
         losses = []
         try:
-            for part in (medical, instruction):
+            for rows in (is_medical, ~is_medical):
+                if not bool(rows.any()):
+                    self._capability_parts.append(None)
+                    losses.append(None)
+                    continue
+                part = _select_rows(inputs, rows)
                 rng = _rng_state()
                 scale = self._capability_loss_scale(part, inputs)
-                with self.compute_loss_context_manager():
+                with (_quiet_loss(self) if quiet else contextlib.nullcontext()), self.compute_loss_context_manager():
                     losses.append(self._compute_loss(model, part) * scale)
                 self._capability_parts.append((part, scale, rng))
         finally:
@@ -262,42 +348,61 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
         return losses[0], losses[1]
 
     def _gradient_at_shift(self, model, params, part_index: int, direction: list, step: float) -> list:
-        """Gradient of one capability's loss at theta + step * direction (same batch, same dropout)."""
+        """Gradient of one capability's loss at theta + step * direction (same batch, same dropout).
+
+        No autograd graph is alive here, and the weights are restored by copying the saved
+        tensors back (exact, unlike adding and subtracting the shift); ``None`` everywhere when
+        this rank holds no row of the capability.
+        """
+        if self._capability_parts[part_index] is None:
+            return [None] * len(params)
         part, scale, rng = self._capability_parts[part_index]
-        saved_metrics = self._metrics  # keep the probe's KL/entropy out of the logs
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        saved = [p.detach().clone() if d is not None else None for p, d in zip(params, direction)]
         try:
             with torch.no_grad():
                 for p, d in zip(params, direction):
                     if d is not None:
                         p.add_(d.to(p.dtype), alpha=step)
-            with _restored_rng(rng), self.compute_loss_context_manager():
+            with _restored_rng(rng), _quiet_loss(self), _fp32_forward(self, model), \
+                    self.compute_loss_context_manager():
                 loss = self._compute_loss(model, part) * scale
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         finally:
             with torch.no_grad():
-                for p, d in zip(params, direction):
-                    if d is not None:
-                        p.sub_(d.to(p.dtype), alpha=step)
-            self._metrics = saved_metrics
+                for p, original in zip(params, saved):
+                    if original is not None:
+                        p.copy_(original)
         return list(grads)
 
     def _penalty_gradient_fd(self, model, params, grads_r, grads_i, cosine: float, gram: torch.Tensor) -> list:
-        """grad of S_cos^2 = 2 S (H_R v_R + H_I v_I), each H v by a forward difference of gradients."""
+        """grad of S_cos^2 = 2 S (H_R v_R + H_I v_I), each H v by a forward difference of gradients.
+
+        ``grads_r``/``grads_i`` are the global (rank-averaged) gradients, so the directions, the
+        step sizes and hence the probes are the same on every rank; the shifted gradients of both
+        probes are then averaged in one collective.
+        """
         v_r, v_i = cosine_gradient_directions(grads_r, grads_i, cosine, gram)
         theta_norm = math.sqrt(sum(float(p.detach().float().pow(2).sum()) for p in params))
-        total = [None] * len(params)
+        probes = []  # (step, base gradient, shifted gradient)
         for index, (direction, base) in enumerate(((v_r, grads_r), (v_i, grads_i))):
             v_norm = math.sqrt(sum(float(d.float().pow(2).sum()) for d in direction if d is not None))
             if v_norm == 0:
                 continue
             step = self.aoc["fd_step"] * max(theta_norm, 1.0) / v_norm
-            shifted = self._gradient_at_shift(model, params, index, direction, step)
+            probes.append((step, base, self._gradient_at_shift(model, params, index, direction, step)))
+        if self._aoc_through_backward and probes:
+            flat = [g if g is not None else torch.zeros_like(p, dtype=torch.float32)
+                    for _, _, shifted in probes for g, p in zip(shifted, params)]
+            averaged = average_across_ranks(flat)
+            probes = [(step, base, averaged[i * len(params):(i + 1) * len(params)])
+                      for i, (step, base, _) in enumerate(probes)]
+        total = [None] * len(params)
+        for step, base, shifted in probes:
             for k, (g1, g0) in enumerate(zip(shifted, base)):
                 if g1 is None and g0 is None:
                     continue
-                g1 = g1 if g1 is not None else torch.zeros_like(g0)
-                g0 = g0.detach() if g0 is not None else torch.zeros_like(g1)
+                g1 = g1.float() if g1 is not None else torch.zeros_like(g0, dtype=torch.float32)
+                g0 = g0.detach().float() if g0 is not None else torch.zeros_like(g1)
                 hv = (g1 - g0) / step
                 total[k] = hv if total[k] is None else total[k] + hv
         return [None if t is None else 2.0 * cosine * t for t in total]
@@ -348,66 +453,84 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
         return loss
 
     def orthogonality_step(self, model, inputs: dict) -> torch.Tensor:
-        """Forward/backward of one micro-batch with AOC; leaves the gradients in ``p.grad``."""
+        """Forward/backward of one micro-batch with AOC; leaves the gradients in ``p.grad``.
+
+        Single process: the per-capability gradients (fp32) are combined and written to
+        ``p.grad``. Data parallel (DDP, DeepSpeed): they are taken on the unwrapped model (no
+        reduction hooks fire), averaged across ranks in one collective, every decision is made
+        from the averaged values (so every rank takes the same branch), the finite-difference
+        probes run with no graph alive, and the update is one ``accelerator.backward`` of TRL's
+        loss plus the surrogate sum(p * g_orth): g_orth is the same on every rank, so after the
+        wrapper's averaging the update is the single-process one.
+        """
         mode = self.aoc["mode"]
         record = self._step_record
+        distributed = self._aoc_through_backward
         differentiable = mode == "penalty" and self.aoc["penalty_gradient"] == "exact"
-        losses = self.capability_losses(model, inputs, differentiable)
-        if losses is None:  # one capability only in this micro-batch: S_cos is undefined
-            record.update(s_cos=math.nan, l_orth=0.0, aoc_lambda=0.0, aoc_note="single capability")
+        module = self.accelerator.unwrap_model(model) if distributed else model
+        params = [p for p in module.parameters() if p.requires_grad]
+        is_medical, advantages = inputs["is_medical"], inputs["advantages"]
+        if not distributed and (bool(is_medical.all()) or not bool(is_medical.any())):
+            # One capability only in this micro-batch: S_cos is undefined, TRL's step as it is.
+            record.update(s_cos=math.nan, l_orth=0.0, aoc_lambda=0.0, aoc_fired=False, aoc_note="single capability")
             with self.compute_loss_context_manager():
                 loss = self.compute_loss(model, inputs)
             self.accelerator.backward(loss)
             return loss.detach()
-        loss_r, loss_i = losses
-        params = [p for p in model.parameters() if p.requires_grad]
-        keep_graph = differentiable or self._aoc_through_backward
-        grads_r = torch.autograd.grad(loss_r, params, retain_graph=keep_graph, create_graph=differentiable,
-                                      allow_unused=True)
-        grads_i = torch.autograd.grad(loss_i, params, retain_graph=keep_graph, create_graph=differentiable,
-                                      allow_unused=True)
+        with _fp32_forward(self, module):
+            # Under data parallel a rank may hold one capability only: its other gradient is zero here.
+            loss_r, loss_i = self.capability_losses(module, inputs, differentiable, quiet=distributed)
+            grads_r, grads_i = (
+                [None] * len(params) if loss is None else
+                list(torch.autograd.grad(loss, params, create_graph=differentiable, allow_unused=True))
+                for loss in (loss_r, loss_i))
+        # A capability whose groups all had zero reward variance has all-zero advantages: its policy
+        # gradient is zero up to the KL term's rounding, so the cosine means nothing there.
+        signal = torch.tensor([float(bool(advantages[rows].ne(0).any())) for rows in (is_medical, ~is_medical)],
+                              device=advantages.device)
+        if distributed:  # global g_R, g_I and signal flags, one collective on every rank
+            flat = [g if g is not None else torch.zeros_like(p, dtype=torch.float32)
+                    for grads in (grads_r, grads_i) for g, p in zip(grads, params)]
+            averaged = average_across_ranks([*flat, signal.to(params[0].device)])
+            grads_r, grads_i, signal = averaged[:len(params)], averaged[len(params):-1], averaged[-1]
         # One pass over the gradients: the Gramian gives S_cos, both norms and |g_R + g_I|.
         gram = gramian(grads_r, grads_i)
         cosine = cosine_from_gramian(gram, self.aoc["eps"])
         rr, ri, ii = (float(gram[0, 0].detach()), float(gram[0, 1].detach()), float(gram[1, 1].detach()))
         norm_r, norm_i = math.sqrt(rr), math.sqrt(ii)
         policy_norm = math.sqrt(max(rr + ii + 2 * ri, 0.0))
-        # A capability whose groups all had zero reward variance has all-zero advantages: its policy
-        # gradient is zero up to the KL term's rounding, so the cosine means nothing there.
-        is_medical, advantages = inputs["is_medical"], inputs["advantages"]
-        no_signal = [name for name, rows in (("medical", is_medical), ("instruction", ~is_medical))
-                     if not bool(advantages[rows].ne(0).any())]
+        no_signal = [name for name, flag in zip(CAPABILITIES, signal.tolist()) if flag == 0]
         if no_signal:
             cosine = torch.tensor(math.nan)
             record["aoc_note"] = f"zero advantages: {', '.join(no_signal)}"
-        penalty, lam = None, 0.0
+        penalty, lam, grads_orth, unit_norm = None, 0.0, None, 0.0
         if mode == "penalty":
             unit_penalty = orthogonality_penalty(cosine, 1.0, self.aoc["tau"])
             if unit_penalty is not None:
                 if differentiable:
-                    grads_unit = torch.autograd.grad(unit_penalty, params, retain_graph=True, create_graph=False,
-                                                     allow_unused=True)
+                    grads_unit = torch.autograd.grad(unit_penalty, params, allow_unused=True)
                 else:
-                    grads_unit = self._penalty_gradient_fd(model, params, grads_r, grads_i,
+                    grads_unit = self._penalty_gradient_fd(module, params, grads_r, grads_i,
                                                            float(cosine.detach()), gram)
                 unit_norm = math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads_unit if g is not None))
                 lam = (dynamic_lambda(self.aoc["lambda"], policy_norm, unit_norm)
                        if self.aoc["lambda_scaling"] == "gradient_norm" else self.aoc["lambda"])
-                penalty = lam * unit_penalty
-                grads_orth = [None if g is None else lam * g for g in grads_unit]
-        record.update(s_cos=float(cosine.detach()), l_orth=float(penalty.detach()) if penalty is not None else 0.0,
-                      aoc_lambda=lam, grad_norm_medical=norm_r, grad_norm_instruction=norm_i)
+                penalty = (lam * unit_penalty).detach()
+                grads_orth = [None if g is None else lam * g.detach() for g in grads_unit]
+        record.update(s_cos=float(cosine.detach()), l_orth=float(penalty) if penalty is not None else 0.0,
+                      aoc_lambda=lam, aoc_fired=penalty is not None, grad_norm_medical=norm_r,
+                      grad_norm_instruction=norm_i, grad_norm_penalty=lam * unit_norm)
 
-        if penalty is not None and not differentiable:
-            # The value is a constant here; its gradient (grads_orth) is added explicitly below.
-            penalty = penalty.detach()
-        total = loss_r + loss_i + (penalty if penalty is not None and differentiable else 0.0)
-        if self._aoc_through_backward:
-            if penalty is not None and not differentiable:
-                # A surrogate whose gradient is grads_orth, so DeepSpeed/DDP hooks see one backward.
-                total = total + sum((p * g.detach()).sum() for p, g in zip(params, grads_orth) if g is not None)
-            self.accelerator.backward(total)
-            return (total.detach() if penalty is None else (loss_r + loss_i).detach() + penalty.detach())
+        if distributed:
+            # TRL's loss through the DDP/DeepSpeed wrapper: one backward per micro-batch for its hooks,
+            # and TRL's metrics and collectives once on every rank.
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs)
+            objective = loss
+            if grads_orth is not None:  # a surrogate whose gradient is g_orth
+                objective = loss + sum((p * g.to(p.dtype)).sum() for p, g in zip(params, grads_orth) if g is not None)
+            self.accelerator.backward(objective)
+            return loss.detach() + (penalty if penalty is not None else 0.0)
 
         if mode == "project" and not math.isnan(float(cosine.detach())):
             # One weighting call per step: GradVac's EMA target must advance once, not twice.
@@ -419,14 +542,14 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
             combined = [None if a is None and b is None else
                         (a.detach() if a is not None else 0) + (b.detach() if b is not None else 0)
                         for a, b in zip(grads_r, grads_i)]
-        if penalty is not None:
+        if grads_orth is not None:
             combined = [c if o is None else (o if c is None else c + o) for c, o in zip(combined, grads_orth)]
         for param, grad in zip(params, combined):
             if grad is None:
                 continue
             grad = grad.detach().to(param.dtype)
             param.grad = grad.clone() if param.grad is None else param.grad + grad
-        return (loss_r + loss_i).detach() + (penalty.detach() if penalty is not None else 0.0)
+        return (loss_r + loss_i).detach() + (penalty if penalty is not None else 0.0)
 
     # -- logging, checkpoints -----------------------------------------------------------------
     def pop_step_record(self) -> dict:
@@ -451,6 +574,10 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
         if checkpoint is not None and (Path(checkpoint) / STATE_FILE).exists():
             self.load_extra_state(json.loads((Path(checkpoint) / STATE_FILE).read_text(encoding="utf-8")))
             log.info("restored reward weights %s from %s", self.weight_controller.weights, checkpoint)
+
+
+class CriticAdvantageTrainer(CriticAdvantage, BalancedGRPOTrainer):
+    """The ``ppo`` ablation: ``BalancedGRPOTrainer`` with a learned critic's GAE advantages (``balancedbio.ppo``)."""
 
 
 # Keys of TRL's logs copied into dynamics.jsonl, under shorter names.
@@ -482,6 +609,7 @@ class DynamicsWriter(TrainerCallback):
         row.update(trainer.pop_step_record())
         row.setdefault("s_cos", None)
         row.setdefault("l_orth", None)
+        row.setdefault("aoc_fired", None)
         row = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as handle:
@@ -586,13 +714,15 @@ def build_trainer(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: 
                   output_dir: str, world_size: int = 1, deepspeed: str | None = None, callbacks: Sequence = (),
                   vanilla: bool = False, generation_kwargs: dict | None = None):
     """The trainer of one variant (or, with ``vanilla``, TRL's GRPOTrainer on the same setup and batches)."""
-    from balancedbio.models import load_causal_lm, load_tokenizer
+    from balancedbio.models import load_causal_lm, load_tokenizer, training_dtype
     from balancedbio.rewards import build_reward_functions
 
     dataset = build_prompt_dataset(mcq_path, prompts_path, max_prompts=settings["grpo"]["max_prompts"],
                                    seed=settings["seed"])
     tokenizer = load_tokenizer(model_dir, trust_remote_code=settings["trust_remote_code"])
-    model = load_causal_lm(model_dir, dtype="bfloat16" if settings["training"]["bf16"] else "float32",
+    training = settings["training"]
+    model = load_causal_lm(model_dir, dtype=training_dtype(training["bf16"], training["use_lora"],
+                                                           settings["aoc"]["mode"]),
                            trust_remote_code=settings["trust_remote_code"])
     reward_funcs = build_reward_functions(settings["rewards"], prm_dir if settings["use_prm"] else None)
     args = grpo_config(settings, output_dir, world_size, deepspeed)
@@ -608,8 +738,6 @@ def build_trainer(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: 
     kwargs.update(weight_controller=build_weight_controller(settings["weights"], [f.name for f in reward_funcs]),
                   aoc_config=settings["aoc"])
     if settings["advantage"] == "critic":
-        from balancedbio.ppo import CriticAdvantageTrainer
-
         return CriticAdvantageTrainer(**kwargs, critic_model_dir=model_dir, ppo_config=settings["ppo"]), tokenizer
     return BalancedGRPOTrainer(**kwargs), tokenizer
 

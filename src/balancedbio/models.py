@@ -151,6 +151,18 @@ def _torch_dtype(name: str):
         raise ModelResolutionError(f"Unknown dtype '{name}'; use float32, bfloat16, float16 or auto.") from None
 
 
+def training_dtype(bf16: bool, use_lora: bool, aoc_mode: str = "off") -> str:
+    """The dtype to load a policy in for training (``training.bf16`` means bf16 *compute*).
+
+    Trained weights stay float32 master weights and bf16 comes from autocast: an AdamW update
+    at lr 1e-6 is below half a bf16 ulp of most weights, so full fine-tuning in bf16 weights
+    rounds nearly every update away. With LoRA the frozen base may be bf16 (peft keeps the
+    adapters in float32), halving its memory, unless AOC is on: its gradients and
+    finite-difference probes run in fp32 with autocast off, which a bf16 base cannot.
+    """
+    return "bfloat16" if bf16 and use_lora and aoc_mode == "off" else "float32"
+
+
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE as set now (huggingface_hub reads it only once, at import)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}

@@ -2,8 +2,10 @@
 the group baseline.
 
 TRL 1.16 ships neither ``PPOTrainer`` nor value heads, so this small piece is ours and kept
-apart from the GRPO path. ``CriticAdvantageTrainer`` subclasses ``BalancedGRPOTrainer`` and only
-changes where the advantage comes from:
+apart from the GRPO path. ``CriticAdvantage`` is a mixin that only changes where the advantage
+comes from; ``balancedbio.grpo.CriticAdvantageTrainer`` puts it in front of
+``BalancedGRPOTrainer``. This module imports nothing of ``balancedbio.grpo``, so the dependency
+runs one way (grpo -> ppo):
 
 - a ``ValueCritic`` (a copy of the policy's backbone + a linear value head, its own AdamW)
   predicts V(s_t) for every completion token;
@@ -11,7 +13,8 @@ changes where the advantage comes from:
   0 elsewhere; the KL term stays in TRL's loss, as in GRPO;
 - per-token advantages come from GAE (Schulman et al. 2016) and are whitened over the
   batch's completion tokens; TRL's loss accepts (B, T) advantages as they are;
-- after each policy step the critic regresses the GAE returns (masked MSE).
+- after each policy step the critic regresses the GAE returns (masked MSE); under data
+  parallel every rank averages the critic's gradients in one collective.
 
 Everything else (sampling, clipping, KL, weights, AOC, logging, checkpoints) is inherited.
 """
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from balancedbio.grpo import BalancedGRPOTrainer
+from balancedbio.aoc import average_across_ranks
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,9 @@ class ValueCritic(nn.Module):
         return self.value_head(hidden).squeeze(-1)
 
 
-class CriticAdvantageTrainer(BalancedGRPOTrainer):
+class CriticAdvantage:
+    """Mixin for a ``BalancedGRPOTrainer``: GAE advantages from a learned critic."""
+
     def __init__(self, *args, critic_model_dir: str, ppo_config: dict, **kwargs):
         self.ppo = {"gamma": 1.0, "gae_lambda": 0.95, "critic_learning_rate": 1e-5, "critic_max_grad_norm": 1.0,
                     **ppo_config}
@@ -129,10 +134,13 @@ class CriticAdvantageTrainer(BalancedGRPOTrainer):
             value_loss = 0.5 * (((values - batch["returns"]) ** 2) * mask).sum() / mask.sum().clamp(min=1)
             self.critic_optimizer.zero_grad()
             value_loss.backward()
-            if self.accelerator.num_processes > 1:  # every rank holds a critic copy: average their gradients
-                for param in self.critic.parameters():
-                    if param.grad is not None:
-                        param.grad = self.accelerator.reduce(param.grad, reduction="mean")
+            if self.accelerator.num_processes > 1:
+                # Every rank holds a critic copy: average their gradients, one collective that every
+                # rank calls with the same shapes (a parameter without a gradient counts as zero).
+                params = list(self.critic.parameters())
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                for param, grad in zip(params, average_across_ranks(grads)):
+                    param.grad = grad.to(param.dtype)
             torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.ppo["critic_max_grad_norm"])
             self.critic_optimizer.step()
             self._metrics["train"]["value_loss"].append(float(value_loss))

@@ -72,7 +72,7 @@ def run_sft(*, model_dir: str, sft_path: str, out_dir: str, metrics_path: str, l
     from balancedbio.grpo import lora_config, save_merged
     from balancedbio.io import write_json
     from balancedbio.checkpoints import CompletionMarker, last_complete_checkpoint, training_fingerprint
-    from balancedbio.models import load_causal_lm, load_tokenizer
+    from balancedbio.models import load_causal_lm, load_tokenizer, training_dtype
     from balancedbio.tracking import keep_tensorboard_events
 
     sft, training = settings["sft"], settings["training"]
@@ -83,7 +83,7 @@ def run_sft(*, model_dir: str, sft_path: str, out_dir: str, metrics_path: str, l
     pairs = conversation_pairs(sft_path, max_examples=sft["max_examples"], seed=settings["seed"])
     dataset = Dataset.from_list(pairs)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=settings["trust_remote_code"])
-    model = load_causal_lm(model_dir, dtype="bfloat16" if training["bf16"] else "float32",
+    model = load_causal_lm(model_dir, dtype=training_dtype(training["bf16"], training["use_lora"]),
                            trust_remote_code=settings["trust_remote_code"])
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args = SFTConfig(

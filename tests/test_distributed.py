@@ -1,0 +1,175 @@
+"""AOC under data parallel, for real: two CPU processes (torch.distributed, gloo) against one.
+
+The same module is the worker: ``python -m torch.distributed.run --nproc_per_node 2
+tests/test_distributed.py --worker OUT`` builds ``BalancedGRPOTrainer`` on a tiny
+Llama in every process, wraps it in DDP through the trainer's accelerator, gives each rank its
+half of one fixed global batch and runs the trainer's own AOC step (``orthogonality_step``)
+and a real optimizer step. Run without ``torch.distributed.run`` (one process, the whole
+batch) it is the reference. The test compares S_cos, the penalty's decision and size, the
+applied gradient and the parameter update.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parents[1]
+VOCAB = ["<pad>", "<unk>", "<eos>"] + [f"w{i}" for i in range(29)]
+ROWS = 8
+# Rows of the global batch that are medical. "mixed": both ranks hold both capabilities;
+# "split": rank 0 holds medical rows only, rank 1 instruction rows only (each rank then sees
+# one capability, the global batch both).
+SCENARIOS = {"mixed": [True, True, False, True, False, True, False, False],
+             "split": [True, True, True, True, False, False, False, False]}
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                   eos_token="<eos>")
+
+
+def global_batch(scenario: str) -> dict:
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    lengths = torch.randint(2, 6, (ROWS,), generator=generator)
+    return {
+        "prompt_ids": torch.randint(3, len(VOCAB), (ROWS, 3), generator=generator),
+        "prompt_mask": torch.ones(ROWS, 3, dtype=torch.long),
+        "completion_ids": torch.randint(3, len(VOCAB), (ROWS, 5), generator=generator),
+        "completion_mask": (torch.arange(5).unsqueeze(0) < lengths.unsqueeze(1)).long(),
+        "advantages": torch.randn(ROWS, generator=generator),
+        "is_medical": torch.tensor(SCENARIOS[scenario]),
+        "num_items_in_batch": lengths.sum().float(),
+    }
+
+
+def worker(out_dir: str) -> None:
+    import torch
+
+    for scenario in sorted(SCENARIOS):
+        _aoc_step(out_dir, scenario)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _aoc_step(out_dir: str, scenario: str) -> None:
+    import torch
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import GRPOConfig
+
+    from balancedbio.grpo import BalancedGRPOTrainer
+    from balancedbio.rewards import AccuracyReward, InstructionReward
+    from balancedbio.weights import PIDWeights
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)  # the same initial weights in every process
+    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, eos_token_id=2, bos_token_id=None)
+    model = LlamaForCausalLM(config)
+    dataset = Dataset.from_list([{"prompt": "w1 w2", "capability": "medical", "answer": "A"},
+                                 {"prompt": "w3 w4", "capability": "instruction", "answer": None}])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    args = GRPOConfig(output_dir=str(Path(out_dir) / "trainer"), per_device_train_batch_size=ROWS // world,
+                      num_generations=2, beta=0.0, max_completion_length=4, loss_type="grpo", report_to=[],
+                      use_cpu=True, bf16=False, logging_steps=1, optim="sgd", learning_rate=0.1,
+                      lr_scheduler_type="constant", max_steps=1)
+    trainer = BalancedGRPOTrainer(model=model, reward_funcs=[AccuracyReward(), InstructionReward()], args=args,
+                                  train_dataset=dataset, processing_class=_tokenizer(),
+                                  weight_controller=PIDWeights(["accuracy", "instruction"]),
+                                  # A large constant lambda: the penalty's gradient is a sizeable part of
+                                  # the update, so a mis-scaled surrogate could not hide in the tolerance.
+                                  aoc_config={"mode": "penalty", "tau": 0.0, "lambda": 30.0,
+                                              "lambda_scaling": "constant",
+                                              "penalty_gradient": "finite_difference"})
+    accelerator = trainer.accelerator
+    assert accelerator.num_processes == world, (accelerator.num_processes, world)
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.create_optimizer()
+    wrapped, optimizer = accelerator.prepare(trainer.model, trainer.optimizer)
+    trainer.model_wrapped = wrapped
+    wrapped.train()
+    rank, per_rank = accelerator.process_index, ROWS // world
+    inputs = {key: value[rank * per_rank:(rank + 1) * per_rank] if value.ndim else value
+              for key, value in global_batch(scenario).items()}
+    params = [p for p in accelerator.unwrap_model(wrapped).parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    optimizer.zero_grad()
+    loss = trainer.orthogonality_step(wrapped, inputs)
+    grads = torch.cat([p.grad.reshape(-1) for p in params])
+    optimizer.step()
+    delta = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(params, before)])
+    record = trainer.pop_step_record()
+    result = {"world": world, "rank": rank, "loss": float(loss), "grad": grads.tolist(), "delta": delta.tolist(),
+              **{k: record.get(k) for k in ("s_cos", "l_orth", "aoc_lambda", "aoc_fired", "grad_norm_medical",
+                                             "grad_norm_instruction", "grad_norm_penalty", "aoc_note")}}
+    (Path(out_dir) / f"{scenario}_{world}_{rank}.json").write_text(json.dumps(result), encoding="utf-8")
+    accelerator.wait_for_everyone()
+
+
+def _run(tmp_path: Path, processes: int) -> dict[str, list[dict]]:
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = tmp_path / f"processes_{processes}"
+    out.mkdir()
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                 "--master_addr", "127.0.0.1", "--master_port", str(29500 + os.getpid() % 1000 + processes)]
+                if processes > 1 else [sys.executable])
+    try:
+        done = subprocess.run([*launcher, str(HERE), "--worker", str(out)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as err:  # a hang (a collective some rank never joins)
+        raise AssertionError(f"{processes}-process AOC steps did not finish in 300 s:\n{err.stderr}") from None
+    assert done.returncode == 0, f"{processes}-process AOC step failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return {scenario: [json.loads((out / f"{scenario}_{processes}_{rank}.json").read_text())
+                       for rank in range(processes)] for scenario in SCENARIOS}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[int, dict[str, list[dict]]]:
+    """Every scenario in one process and in two (one launch each: start-up dominates)."""
+    tmp_path = tmp_path_factory.mktemp("aoc_ddp")
+    return {processes: _run(tmp_path, processes) for processes in (1, 2)}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_aoc_penalty_step_in_two_processes_matches_one(runs, scenario):
+    import torch
+
+    single, = runs[1][scenario]
+    ranks = runs[2][scenario]
+    assert single["aoc_fired"] is True and single["l_orth"] > 0  # tau = 0: the penalty acts
+    assert single["grad_norm_penalty"] > 0.2 * float(torch.tensor(single["grad"]).norm())
+    for result in ranks:
+        # The global batch's cosine on every rank, and the same decision everywhere.
+        assert result["s_cos"] == pytest.approx(single["s_cos"], abs=1e-4)
+        assert result["aoc_fired"] is True
+        assert result["l_orth"] == pytest.approx(single["l_orth"], rel=1e-3, abs=1e-7)
+        assert result["aoc_lambda"] == pytest.approx(single["aoc_lambda"], rel=1e-3)
+        assert result["grad_norm_medical"] == pytest.approx(single["grad_norm_medical"], rel=1e-4)
+        assert result["grad_norm_penalty"] == pytest.approx(single["grad_norm_penalty"], rel=1e-3)
+        grad, delta = torch.tensor(result["grad"]), torch.tensor(result["delta"])
+        expected_grad, expected_delta = torch.tensor(single["grad"]), torch.tensor(single["delta"])
+        # The applied update (DDP-averaged TRL loss + the penalty's surrogate) is the single-process one.
+        assert torch.allclose(grad, expected_grad, rtol=1e-3, atol=1e-6), float((grad - expected_grad).abs().max())
+        assert torch.allclose(delta, expected_delta, rtol=1e-3, atol=1e-7)
+        assert float(delta.abs().max()) > 0
+    assert ranks[0]["grad"] == ranks[1]["grad"]  # replicas stay identical
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    worker(sys.argv[2])
