@@ -42,7 +42,7 @@ class Benchmark:
     test_file: str | None  # relative to benchmarks_dir
     dev_file: str | None
     hub: str | None
-    kind: str  # "mcq" or "ifeval"
+    kind: str  # "mcq" or "ifeval" (generated answers, IFEval's four metrics: IFEval and IFBench)
 
 
 BENCHMARKS = {
@@ -51,6 +51,8 @@ BENCHMARKS = {
     "medqa": Benchmark("medqa", ("bb_medqa",), "medqa/test.jsonl", None, "GBaker/MedQA-USMLE-4-options", "mcq"),
     "cmexam": Benchmark("cmexam", ("bb_cmexam",), "cmexam/test.jsonl", None, "fzkuji/CMExam", "mcq"),
     "ifeval": Benchmark("ifeval", ("bb_ifeval",), "ifeval/test.jsonl", None, "google/IFEval", "ifeval"),
+    # Out-of-distribution instruction following: constraint types the instruction reward never checks.
+    "ifbench": Benchmark("ifbench", ("bb_ifbench",), "ifbench/test.jsonl", None, "allenai/IFBench_test", "ifeval"),
     "kg_mcq": Benchmark("kg_mcq", ("bb_kg_mcq",), None, None, None, "mcq"),
 }
 IFEVAL_METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc",
@@ -181,6 +183,8 @@ def _item_rows(task: str, samples: list[dict], kind: str) -> list[dict]:
             row.update(response=sample["filtered_resps"][0] if sample["filtered_resps"] else None,
                        instruction_id_list=doc["instruction_id_list"],
                        **{m: sample.get(m) for m in IFEVAL_METRICS})
+            if "checker_errors" in sample:  # IFBench: instructions its checkers could not score
+                row["checker_errors"] = sample["checker_errors"]
         elif isinstance(sample["filtered_resps"][0], (list, tuple)):  # log-likelihood scoring
             logliks = [float(r[0]) for r in sample["filtered_resps"]]
             letters = list(doc["options"])
@@ -274,6 +278,12 @@ def evaluate_benchmark(*, model_dir: str, model_name: str, benchmark_name: str, 
         metrics = {m: {"value": task[m], "ci95": wilson_interval(task[m], n_instructions if m.startswith("inst") else n_total)}
                    for m in IFEVAL_METRICS}
         metrics["n_instructions"] = n_instructions
+        if benchmark_name == "ifbench":
+            metrics["checker_errors"] = sum(len(i.get("checker_errors") or []) for i in items)
+            if metrics["checker_errors"]:
+                log.warning("ifbench: %d instructions could not be scored (counted as not followed): %s",
+                            metrics["checker_errors"], sorted({e.split(":")[0] + ":" + e.split(":")[1]
+                                                              for i in items for e in i.get("checker_errors") or []}))
     else:  # micro-average over questions (MMLU: over the six subjects)
         correct = sum(1 for i in items if i["correct"])
         acc = correct / n_total if n_total else math.nan

@@ -3,7 +3,7 @@
 
 wildcard_constraints:
     model="base|sft|grpo_[a-z0-9_]+",
-    benchmark="mmlu_med|medqa|cmexam|ifeval|kg_mcq",
+    benchmark="mmlu_med|medqa|cmexam|ifeval|ifbench|kg_mcq",
 
 
 rule evaluate:
