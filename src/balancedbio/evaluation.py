@@ -196,6 +196,19 @@ def _item_rows(task: str, samples: list[dict], kind: str) -> list[dict]:
     return rows
 
 
+def resolve_dtype(name: str) -> str:
+    """``auto`` = bfloat16 where this device multiplies bf16 faster (the rollout copy's probe)."""
+    if name != "auto":
+        return name
+    import torch
+
+    from balancedbio.rollout import faster_dtype
+
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if faster_dtype() == torch.bfloat16 else "float32"
+
+
 def language_model(model_dir: str, settings: dict, trust_remote_code: bool = False):
     """lm-eval's model wrapper: ``hf`` (transformers, any device) or ``vllm`` (CUDA, the gpu extra)."""
     backend = settings.get("backend", "hf")
@@ -204,7 +217,7 @@ def language_model(model_dir: str, settings: dict, trust_remote_code: bool = Fal
             from lm_eval.models.vllm_causallms import VLLM
         except ImportError as err:  # vllm is in the `gpu` extra and needs CUDA
             raise RuntimeError(f"eval.backend: vllm needs the vllm package (pip install -e '.[gpu]'): {err}") from None
-        return VLLM(pretrained=model_dir, dtype=settings["dtype"], batch_size="auto",
+        return VLLM(pretrained=model_dir, dtype=resolve_dtype(settings["dtype"]), batch_size="auto",
                     max_length=settings["max_length"], trust_remote_code=trust_remote_code,
                     gpu_memory_utilization=settings.get("vllm_gpu_memory_utilization", 0.8))
     if backend != "hf":
@@ -214,7 +227,7 @@ def language_model(model_dir: str, settings: dict, trust_remote_code: bool = Fal
     from balancedbio.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-    model = load_causal_lm(model_dir, dtype=settings["dtype"], trust_remote_code=trust_remote_code)
+    model = load_causal_lm(model_dir, dtype=resolve_dtype(settings["dtype"]), trust_remote_code=trust_remote_code)
     model.eval()  # weights loaded as safetensors by our loader, then handed to lm-eval
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings["batch_size"],
                 max_length=settings["max_length"], trust_remote_code=trust_remote_code)
@@ -295,7 +308,9 @@ def evaluate_benchmark(*, model_dir: str, model_name: str, benchmark_name: str, 
         "source": source, "num_fewshot": shots, "mode": "ifeval" if benchmark.kind == "ifeval" else settings["mode"],
         "limit": limit, "seconds": round(time.perf_counter() - started, 1),
         "questions_per_second": round(n_total / max(time.perf_counter() - started, 1e-9), 3),
-        "settings": settings, "lm_eval_version": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None,
+        "settings": settings, "dtype_used": str(next(lm.model.parameters()).dtype).replace("torch.", "")
+        if hasattr(lm, "model") and hasattr(lm.model, "parameters") else resolve_dtype(settings["dtype"]),
+        "lm_eval_version": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None,
     }
     write_jsonl(out_items, items)
     write_json(out_json, result)

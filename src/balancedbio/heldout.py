@@ -148,19 +148,6 @@ def heldout_instruction_prompts(graph_path: str, mcq_test_path: str, train_promp
 
 # ----- generation -----------------------------------------------------------------------------
 
-def resolve_dtype(name: str) -> str:
-    """``auto`` = bfloat16 where this device multiplies bf16 faster (the rollout copy's probe)."""
-    if name != "auto":
-        return name
-    import torch
-
-    from balancedbio.rollout import faster_dtype
-
-    if torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if faster_dtype() == torch.bfloat16 else "float32"
-
-
 def generate_answers(model_dir: str, prompts: list[str], *, max_new_tokens: int, batch_size: int, dtype: str,
                      trust_remote_code: bool = False) -> list[str]:
     """Greedy chat completions, batched by prompt length (left padding), in the input order."""
@@ -229,6 +216,8 @@ def heldout_rewards(*, model_dir: str, model_name: str, mcq_test: str, graph: st
     items += heldout_instruction_prompts(graph, mcq_test, train_prompts, instruct_config=instruct_config,
                                          num_prompts=settings["instruction_prompts"], seed=seed,
                                          benchmarks_dir=benchmarks_dir)
+    from balancedbio.evaluation import resolve_dtype
+
     dtype = resolve_dtype(settings["dtype"])
     answers = generate_answers(model_dir, [i["prompt"] for i in items], max_new_tokens=settings["max_new_tokens"],
                                batch_size=settings["batch_size"], dtype=dtype, trust_remote_code=trust_remote_code)
