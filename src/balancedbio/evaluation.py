@@ -252,6 +252,8 @@ def evaluate_benchmark(*, model_dir: str, model_name: str, benchmark_name: str, 
     from balancedbio.nltk_data import ensure_punkt_tab
 
     ensure_punkt_tab()
+    if benchmark.kind == "ifeval" and settings.get("generation_batch_size"):
+        settings = {**settings, "batch_size": settings["generation_batch_size"]}
     lm = language_model(model_dir, settings, trust_remote_code)
     specs = task_specs(benchmark, source, settings)
     limit = (settings.get("limit") or {}).get(benchmark_name)
