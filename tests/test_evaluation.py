@@ -28,7 +28,7 @@ def _task_manager():
 
 
 @needs_benchmarks
-@pytest.mark.parametrize("name", ["mmlu_med", "medqa", "cmexam", "ifeval"])
+@pytest.mark.parametrize("name", ["mmlu_med", "medqa", "cmexam", "ifeval", "ifbench"])
 def test_each_task_loads_the_local_files_with_the_right_row_count(name):
     benchmark = BENCHMARKS[name]
     source = locate(benchmark, str(SHARED_BENCHMARKS))
@@ -97,6 +97,45 @@ def test_ifeval_metrics_match_the_verifier_on_hand_written_responses():
         assert metrics["inst_level_loose_acc"] == loose and metrics["prompt_level_loose_acc"] == all(loose)
     assert all(ifeval_process_results(doc, [compliant])["inst_level_strict_acc"])
     assert not any(ifeval_process_results(doc, [broken])["inst_level_strict_acc"])
+
+
+@needs_benchmarks
+def test_ifbench_checkers_pass_and_fail_known_responses_to_named_constraints():
+    """Real IFBench prompts through the bb_ifbench task's scorer (if_verifiable's checkers)."""
+    from balancedbio.eval_tasks.utils import ifbench_process_results
+
+    docs = {d["key"]: d for d in _lines(SHARED_BENCHMARKS / "ifbench" / "test.jsonl")}
+    keywords = docs["0"]  # count:keywords_multiple: kaleidoscope x1, nebula x2, whisper x3, labyrinth x5, paradox x7
+    assert keywords["instruction_id_list"] == ["count:keywords_multiple"]
+    counted = " ".join(["kaleidoscope"] + ["nebula"] * 2 + ["whisper"] * 3 + ["labyrinth"] * 5 + ["paradox"] * 7)
+    passing = ifbench_process_results(keywords, [f"A {counted} walks into a bar."])
+    failing = ifbench_process_results(keywords, [f"A {counted} paradox walks into a bar."])  # paradox x8
+    assert passing["prompt_level_strict_acc"] and passing["inst_level_strict_acc"] == [True]
+    assert not failing["prompt_level_strict_acc"] and failing["inst_level_strict_acc"] == [False]
+
+    no_space = docs["297"]  # format:no_whitespace
+    assert no_space["instruction_id_list"] == ["format:no_whitespace"]
+    assert ifbench_process_results(no_space, ["Particlesabove10ppmfoulbiosensors."])["prompt_level_strict_acc"]
+    spaced = ifbench_process_results(no_space, ["Particles above 10 ppm foul biosensors."])
+    assert not spaced["prompt_level_strict_acc"] and not spaced["prompt_level_loose_acc"]
+
+    # Two constraints, one met: prompt level fails, instruction level is per constraint.
+    words = docs["197"]  # sentence:keyword (iritic in the 5th sentence) + count:word_count_range 89-99
+    assert words["instruction_id_list"] == ["sentence:keyword", "count:word_count_range"]
+    sentences = ["Fusion research has paid off in many fields."] * 4 + ["The iritic glow of plasma guided optics."]
+    filler = " ".join(["Superconducting magnets now serve hospitals worldwide."] * 10)
+    both = " ".join(sentences) + " " + filler
+    n_words = len(both.split())
+    assert 89 <= n_words <= 99, n_words
+    result = ifbench_process_results(words, [both])
+    assert result["inst_level_strict_acc"] == [True, True] and result["prompt_level_strict_acc"]
+    short = ifbench_process_results(words, [" ".join(sentences)])
+    assert short["inst_level_strict_acc"] == [True, False] and not short["prompt_level_strict_acc"]
+    assert ifbench_process_results(words, [""])["inst_level_loose_acc"] == [False, False]
+    # Loose scoring drops a preamble line: strict fails, loose passes.
+    preamble = ifbench_process_results(no_space, ["Here is my answer:\nParticlesabove10ppmfoulbiosensors."])
+    assert not preamble["prompt_level_strict_acc"] and preamble["prompt_level_loose_acc"]
+    assert preamble["checker_errors"] == []
 
 
 @needs_benchmarks

@@ -42,7 +42,7 @@ class Benchmark:
     test_file: str | None  # relative to benchmarks_dir
     dev_file: str | None
     hub: str | None
-    kind: str  # "mcq" or "ifeval"
+    kind: str  # "mcq" or "ifeval" (generated answers, IFEval's four metrics: IFEval and IFBench)
 
 
 BENCHMARKS = {
@@ -51,6 +51,8 @@ BENCHMARKS = {
     "medqa": Benchmark("medqa", ("bb_medqa",), "medqa/test.jsonl", None, "GBaker/MedQA-USMLE-4-options", "mcq"),
     "cmexam": Benchmark("cmexam", ("bb_cmexam",), "cmexam/test.jsonl", None, "fzkuji/CMExam", "mcq"),
     "ifeval": Benchmark("ifeval", ("bb_ifeval",), "ifeval/test.jsonl", None, "google/IFEval", "ifeval"),
+    # Out-of-distribution instruction following: constraint types the instruction reward never checks.
+    "ifbench": Benchmark("ifbench", ("bb_ifbench",), "ifbench/test.jsonl", None, "allenai/IFBench_test", "ifeval"),
     "kg_mcq": Benchmark("kg_mcq", ("bb_kg_mcq",), None, None, None, "mcq"),
 }
 IFEVAL_METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc",
@@ -198,6 +200,8 @@ def _item_rows(task: str, samples: list[dict], kind: str) -> list[dict]:
             row.update(response=sample["filtered_resps"][0] if sample["filtered_resps"] else None,
                        instruction_id_list=doc["instruction_id_list"],
                        **{m: sample.get(m) for m in IFEVAL_METRICS})
+            if "checker_errors" in sample:  # IFBench: instructions its checkers could not score
+                row["checker_errors"] = sample["checker_errors"]
         elif isinstance(sample["filtered_resps"][0], (list, tuple)):  # log-likelihood scoring
             logliks = [float(r[0]) for r in sample["filtered_resps"]]
             letters = list(doc["options"])
@@ -209,6 +213,19 @@ def _item_rows(task: str, samples: list[dict], kind: str) -> list[dict]:
     return rows
 
 
+def resolve_dtype(name: str) -> str:
+    """``auto`` = bfloat16 where this device multiplies bf16 faster (the rollout copy's probe)."""
+    if name != "auto":
+        return name
+    import torch
+
+    from balancedbio.rollout import faster_dtype
+
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if faster_dtype() == torch.bfloat16 else "float32"
+
+
 def language_model(model_dir: str, settings: dict, trust_remote_code: bool = False):
     """lm-eval's model wrapper: ``hf`` (transformers, any device) or ``vllm`` (CUDA, the gpu extra)."""
     backend = settings.get("backend", "hf")
@@ -217,7 +234,7 @@ def language_model(model_dir: str, settings: dict, trust_remote_code: bool = Fal
             from lm_eval.models.vllm_causallms import VLLM
         except ImportError as err:  # vllm is in the `gpu` extra and needs CUDA
             raise RuntimeError(f"eval.backend: vllm needs the vllm package (pip install -e '.[gpu]'): {err}") from None
-        return VLLM(pretrained=model_dir, dtype=settings["dtype"], batch_size="auto",
+        return VLLM(pretrained=model_dir, dtype=resolve_dtype(settings["dtype"]), batch_size="auto",
                     max_length=settings["max_length"], trust_remote_code=trust_remote_code,
                     gpu_memory_utilization=settings.get("vllm_gpu_memory_utilization", 0.8))
     if backend != "hf":
@@ -227,7 +244,7 @@ def language_model(model_dir: str, settings: dict, trust_remote_code: bool = Fal
     from balancedbio.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-    model = load_causal_lm(model_dir, dtype=settings["dtype"], trust_remote_code=trust_remote_code)
+    model = load_causal_lm(model_dir, dtype=resolve_dtype(settings["dtype"]), trust_remote_code=trust_remote_code)
     model.eval()  # weights loaded as safetensors by our loader, then handed to lm-eval
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings["batch_size"],
                 max_length=settings["max_length"], trust_remote_code=trust_remote_code)
@@ -256,6 +273,8 @@ def evaluate_benchmark(*, model_dir: str, model_name: str, benchmark_name: str, 
     from balancedbio.nltk_data import ensure_punkt_tab
 
     ensure_punkt_tab()
+    if benchmark.kind == "ifeval" and settings.get("generation_batch_size"):
+        settings = {**settings, "batch_size": settings["generation_batch_size"]}
     lm = language_model(model_dir, settings, trust_remote_code)
     specs = task_specs(benchmark, source, settings)
     limit = (settings.get("limit") or {}).get(benchmark_name)
@@ -295,6 +314,12 @@ def evaluate_benchmark(*, model_dir: str, model_name: str, benchmark_name: str, 
         metrics = {m: {"value": task[m], "ci95": wilson_interval(task[m], n_instructions if m.startswith("inst") else n_total)}
                    for m in IFEVAL_METRICS}
         metrics["n_instructions"] = n_instructions
+        if benchmark_name == "ifbench":
+            metrics["checker_errors"] = sum(len(i.get("checker_errors") or []) for i in items)
+            if metrics["checker_errors"]:
+                log.warning("ifbench: %d instructions could not be scored (counted as not followed): %s",
+                            metrics["checker_errors"], sorted({e.split(":")[0] + ":" + e.split(":")[1]
+                                                              for i in items for e in i.get("checker_errors") or []}))
     else:  # micro-average over questions (MMLU: over the six subjects)
         correct = sum(1 for i in items if i["correct"])
         acc = correct / n_total if n_total else math.nan
@@ -306,7 +331,9 @@ def evaluate_benchmark(*, model_dir: str, model_name: str, benchmark_name: str, 
         "source": source, "num_fewshot": shots, "mode": "ifeval" if benchmark.kind == "ifeval" else settings["mode"],
         "limit": limit, "seconds": round(time.perf_counter() - started, 1),
         "questions_per_second": round(n_total / max(time.perf_counter() - started, 1e-9), 3),
-        "settings": settings, "lm_eval_version": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None,
+        "settings": settings, "dtype_used": str(next(lm.model.parameters()).dtype).replace("torch.", "")
+        if hasattr(lm, "model") and hasattr(lm.model, "parameters") else resolve_dtype(settings["dtype"]),
+        "lm_eval_version": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None,
     }
     write_jsonl(out_items, items)
     write_json(out_json, result)

@@ -22,7 +22,13 @@ from balancedbio.io import DataFormatError, read_jsonl
 log = logging.getLogger(__name__)
 
 
-def conversation_pairs(sft_path: str, *, max_examples: int | None = None, seed: int = 0) -> list[dict]:
+def conversation_pairs(sft_path: str, *, max_examples: int | None = None, seed: int = 0,
+                       val_examples: int = 0) -> tuple[list[dict], list[dict]]:
+    """(training pairs, validation pairs): one seeded shuffle, the validation pairs taken first.
+
+    The validation pairs are never trained on, so the loss on them before and after SFT says
+    whether the model learned the task rather than the examples.
+    """
     import random
 
     pairs = []
@@ -42,10 +48,37 @@ def conversation_pairs(sft_path: str, *, max_examples: int | None = None, seed: 
                       "capability": row.get("capability", "medical")})
     if not pairs:
         raise DataFormatError(f"{sft_path}: no conversations")
-    if max_examples and len(pairs) > max_examples:
+    if val_examples and val_examples >= len(pairs):
+        raise DataFormatError(f"sft.val_examples = {val_examples} leaves no training conversation in {sft_path} "
+                              f"({len(pairs)} conversations)")
+    if val_examples or (max_examples and len(pairs) > max_examples):
         random.Random(seed).shuffle(pairs)
+    validation, pairs = pairs[:val_examples], pairs[val_examples:]
+    if max_examples and len(pairs) > max_examples:
         pairs = pairs[:max_examples]
-    return pairs
+    return pairs, validation
+
+
+def sft_mixed_precision(setting: str, training_bf16: bool) -> bool:
+    """Whether SFT runs its fp32 weights under bf16 autocast.
+
+    ``auto``: where this device multiplies bf16 faster (the rollout copy's probe: AVX512-BF16/AMX
+    CPUs, any recent GPU); ``bf16`` always; ``fp32`` never. ``training.bf16`` (bf16 weights) implies
+    it, as before.
+    """
+    if training_bf16 or setting == "bf16":
+        return True
+    if setting == "fp32":
+        return False
+    if setting != "auto":
+        raise ValueError(f"sft.mixed_precision {setting!r}: expected auto, bf16 or fp32")
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    from balancedbio.rollout import faster_dtype
+
+    return faster_dtype() == torch.bfloat16
 
 
 def plot_loss(log_history: list[dict], path: str) -> None:
@@ -55,7 +88,11 @@ def plot_loss(log_history: list[dict], path: str) -> None:
     points = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     if points:
-        ax.plot(*zip(*points), marker="o", markersize=2)
+        ax.plot(*zip(*points), marker="o", markersize=2, label="training batches")
+    validation = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    if validation:
+        ax.plot(*zip(*validation), marker="s", linestyle="--", color="C3", label="held-out validation")
+        ax.legend(fontsize=8)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (assistant tokens)")
     ax.set_title("SFT")
@@ -65,6 +102,7 @@ def plot_loss(log_history: list[dict], path: str) -> None:
 
 def run_sft(*, model_dir: str, sft_path: str, out_dir: str, metrics_path: str, loss_plot: str, checkpoint_dir: str,
             settings: dict, callbacks: Sequence = ()) -> dict:
+    import torch
     from datasets import Dataset
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
@@ -80,8 +118,10 @@ def run_sft(*, model_dir: str, sft_path: str, out_dir: str, metrics_path: str, l
     # Resume only a checkpoint of this very run (same settings, model and data); claims the folder.
     fingerprint = training_fingerprint(settings, {"model": model_dir, "data": sft_path})
     last = last_complete_checkpoint(checkpoint_dir, fingerprint)
-    pairs = conversation_pairs(sft_path, max_examples=sft["max_examples"], seed=settings["seed"])
+    pairs, validation = conversation_pairs(sft_path, max_examples=sft["max_examples"], seed=settings["seed"],
+                                           val_examples=sft["val_examples"])
     dataset = Dataset.from_list(pairs)
+    autocast = sft_mixed_precision(sft["mixed_precision"], training["bf16"])
     tokenizer = load_tokenizer(model_dir, trust_remote_code=settings["trust_remote_code"])
     model = load_causal_lm(model_dir, dtype=training_dtype(training["bf16"], training["use_lora"]),
                            trust_remote_code=settings["trust_remote_code"])
@@ -102,14 +142,17 @@ def run_sft(*, model_dir: str, sft_path: str, out_dir: str, metrics_path: str, l
         save_strategy="steps",
         save_steps=sft["save_steps"],
         save_total_limit=2,
-        bf16=training["bf16"],
+        bf16=autocast,  # fp32 weights under bf16 autocast unless training.bf16 loads bf16 weights
+        use_cpu=autocast and not torch.cuda.is_available(),  # transformers' bf16 check wants it said
+        per_device_eval_batch_size=sft["batch_size"],
         gradient_checkpointing=training["gradient_checkpointing"],
         seed=settings["seed"],
         report_to=settings["logging"]["report_to"],
         deepspeed=training.get("deepspeed_config") if world_size > 1 else None,
         dataloader_num_workers=0,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
+                         eval_dataset=Dataset.from_list(validation) if validation else None, processing_class=tokenizer,
                          peft_config=lora_config(training) if training["use_lora"] else None,
                          callbacks=[CompletionMarker(fingerprint), *callbacks])
     keep_tensorboard_events(trainer, checkpoint_dir)
@@ -119,21 +162,29 @@ def run_sft(*, model_dir: str, sft_path: str, out_dir: str, metrics_path: str, l
              ", ".join(f"{c}: {sum(p['capability'] == c for p in pairs)}" for c in sorted({p['capability']
                                                                                           for p in pairs})),
              "LoRA" if training["use_lora"] else "full fine-tuning")
+    log.info("SFT precision: %s", "fp32 weights, bf16 autocast" if autocast and not training["bf16"]
+             else "bf16" if training["bf16"] else "fp32")
+    # Before = the starting model (LoRA adapters are zero at init), also when resuming.
+    val_before = trainer.evaluate()["eval_loss"] if validation else None
     result = trainer.train(resume_from_checkpoint=last)
+    val_after = trainer.evaluate()["eval_loss"] if validation else None
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     metrics = {"examples": len(pairs), "global_step": trainer.state.global_step,
                "train_runtime_s": result.metrics.get("train_runtime"), "train_loss": result.training_loss,
                "first_logged_loss": losses[0] if losses else None, "last_logged_loss": losses[-1] if losses else None,
+               "val_examples": len(validation), "val_loss_before": val_before, "val_loss_after": val_after,
+               "mixed_precision": "bf16" if autocast else "fp32",
                "lora": training["use_lora"], "resumed_from": last,
-               "log_history": [h for h in trainer.state.log_history if "loss" in h]}
+               "log_history": [h for h in trainer.state.log_history if "loss" in h or "eval_loss" in h]}
     if trainer.accelerator.is_main_process:
         save_merged(trainer, tokenizer, out_dir, {"balancedbio_training.json": {k: v for k, v in metrics.items()
                                                                                if k != "log_history"}})
         write_json(metrics_path, metrics)
         plot_loss(trainer.state.log_history, loss_plot)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    log.info("SFT done: loss %s -> %s over %d steps", metrics["first_logged_loss"], metrics["last_logged_loss"],
-             metrics["global_step"])
+    log.info("SFT done: training loss %s -> %s over %d steps; validation loss %s -> %s (%d conversations)",
+             metrics["first_logged_loss"], metrics["last_logged_loss"], metrics["global_step"], val_before, val_after,
+             len(validation))
     return metrics
 
 

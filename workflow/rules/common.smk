@@ -62,8 +62,13 @@ def final_targets():
         "results/sft/metrics.json",
         *grpo_targets(config["grpo"]["variants"]),
         "results/eval/skipped.json",
+        *heldout_targets(),
         "results/report/report.html",
     ]
+
+
+def heldout_targets():
+    return [f"results/eval/{m}/heldout_rewards.json" for m in eval_models()]
 
 
 def eval_models():

@@ -5,7 +5,7 @@ from balancedbio.variants import VARIANT_PATTERN
 
 wildcard_constraints:
     model=f"base|sft|grpo_(?:{VARIANT_PATTERN})",
-    benchmark="mmlu_med|medqa|cmexam|ifeval|kg_mcq",
+    benchmark="mmlu_med|medqa|cmexam|ifeval|ifbench|kg_mcq",
 
 
 rule evaluate:
@@ -50,3 +50,39 @@ rule eval_skipped:
         "../envs/balancedbio.yaml"
     script:
         "../scripts/eval_skipped.py"
+
+
+# In-distribution held-out rewards: the training reward components (R_acc, R_inst) on kg test
+# questions and on fresh instruction prompts that GRPO never trained on (balancedbio.heldout).
+from balancedbio.heldout import heldout_settings
+
+
+rule heldout_rewards:
+    input:
+        model="results/models/{model}",
+        kg_test=rules.kg_synth.output.mcq_test,
+        graph=rules.build_kg.output[0],
+        # The GRPO training prompts: none of them is drawn as a held-out prompt.
+        train_prompts=rules.decontaminate.output.prompts,
+    output:
+        result="results/eval/{model}/heldout_rewards.json",
+        item_rewards="results/eval/{model}/heldout_rewards.items.jsonl",
+    params:
+        settings=heldout_settings(config),
+        instruct=config["instruct"],
+        rewards=config["rewards"],
+        seed=config["seed"],
+        benchmarks_dir=config["benchmarks_dir"],
+        trust_remote_code=config["model"]["trust_remote_code"],
+        code=code_digest("heldout.py", "rewards.py", "answers.py", "ifeval.py", "data/instruct.py", "models.py"),
+    log:
+        "logs/heldout_rewards/{model}.log",
+    benchmark:
+        "benchmarks/heldout_rewards/{model}.tsv"
+    threads: rule_resources("evaluate")["cpus_per_task"]
+    resources:
+        **rule_resources("evaluate"),
+    conda:
+        "../envs/balancedbio.yaml"
+    script:
+        "../scripts/heldout_rewards.py"

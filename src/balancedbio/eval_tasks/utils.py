@@ -139,3 +139,45 @@ def agg_inst_level_acc(items):
     from lm_eval.tasks.ifeval.utils import agg_inst_level_acc as aggregate
 
     return aggregate(items)
+
+
+# IFBench: the same four metrics, scored by IFBench's own checkers (the if-verifiable package).
+def ifbench_process_results(doc, results):
+    """Per-prompt IFBench verdicts in lm-eval's IFEval metric layout.
+
+    ``if_verifiable.common.evaluate_instructions`` is IFBench's scoring (strict = the response
+    as it is; loose = any of its eight relaxed variants). Two of its checkers read nltk data
+    that nltk downloads at import and that cannot be fetched offline (stopwords for
+    ``ratio:stop_words``, the POS tagger for ``words:start_verb``); those instructions count as
+    not followed and are listed under ``checker_errors`` instead of failing the evaluation.
+    """
+    from balancedbio.nltk_data import ensure_punkt_tab
+
+    ensure_punkt_tab()
+    from if_verifiable.common import evaluate_instructions
+    from if_verifiable.ifbench.instructions_registry import INSTRUCTION_DICT
+
+    ids = list(doc["instruction_id_list"])
+    unknown = [i for i in ids if i not in INSTRUCTION_DICT]
+    if unknown:
+        raise ValueError(f"IFBench prompt {doc.get('key')!r}: instruction ids {unknown} are not in "
+                         "if_verifiable.ifbench's registry")
+    response = results[0]
+    strict, loose, errors = [], [], []
+    for index, instruction_id in enumerate(ids):
+        kwargs = [doc["kwargs"][index] if doc.get("kwargs") else {}]
+        try:
+            verdicts, _ = evaluate_instructions(response, [instruction_id], kwargs, doc["prompt"], INSTRUCTION_DICT)
+        except LookupError as err:  # nltk data missing (offline); see the docstring
+            errors.append(f"{instruction_id}: {str(err).strip().splitlines()[0][:120]}")
+            verdicts = []
+        # An empty response (or one that is only a <think> block) has no verdicts: not followed.
+        strict.append(bool(verdicts and verdicts[0].strict_pass))
+        loose.append(bool(verdicts and verdicts[0].loose_pass))
+    return {"prompt_level_strict_acc": all(strict), "inst_level_strict_acc": strict,
+            "prompt_level_loose_acc": all(loose), "inst_level_loose_acc": loose,
+            "checker_errors": errors}
+
+
+def count_checker_errors(items):
+    return sum(len(errors) for errors in items)
