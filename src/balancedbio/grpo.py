@@ -132,6 +132,33 @@ def _select_rows(inputs: dict, mask: torch.Tensor) -> dict:
             else value for key, value in inputs.items()}
 
 
+ADVANTAGE_AGGREGATIONS = ("weighted_components", "sum_then_normalize", "normalize_then_sum")
+
+
+def weighted_component_advantages(rewards_per_func: torch.Tensor, weights: torch.Tensor, num_generations: int,
+                                  std_floor: float) -> torch.Tensor:
+    """Eq. 11's advantages, A = sum_k w_k A_k, for a (rows, K) reward matrix (NaN = not applicable).
+
+    A_k is R_k minus its group mean over the group's rows where R_k applies, divided by
+    max(std of those centred values over the whole batch, ``std_floor``); a component that does
+    not apply to a row adds 0 to it. Because the scale of A_k does not depend on w_k, raising w_k
+    raises the share of the update that component k's rows get, unlike group-normalising
+    sum_k w_k R_k, where a weight cancels in any group in which only its component varies.
+    """
+    rewards = rewards_per_func.to(torch.float32)
+    rows, components = rewards.shape
+    if rows % num_generations:
+        raise ValueError(f"{rows} completions do not split into groups of {num_generations}")
+    applies = ~torch.isnan(rewards)
+    grouped = torch.where(applies, rewards, 0.0).view(-1, num_generations, components)
+    counts = applies.view(-1, num_generations, components).sum(dim=1, keepdim=True)
+    means = grouped.sum(dim=1, keepdim=True) / counts.clamp(min=1)
+    centred = torch.where(applies, (grouped - means).view(rows, components), 0.0)
+    # Batch-level scale of each component: the root mean square of its centred values (their mean is 0).
+    scale = (centred.pow(2).sum(dim=0) / applies.sum(dim=0).clamp(min=1)).sqrt().clamp(min=std_floor)
+    return (centred / scale * weights.to(centred.device, torch.float32)).sum(dim=1)
+
+
 class StratifiedGRPOTrainer(GRPOTrainer):
     """TRL's ``GRPOTrainer`` with batches that interleave the capabilities, nothing else.
 
@@ -176,11 +203,23 @@ class StratifiedGRPOTrainer(GRPOTrainer):
 class BalancedGRPOTrainer(StratifiedGRPOTrainer):
     """``GRPOTrainer`` + stratified batches, dynamic reward weights and AOC (see module doc)."""
 
-    def __init__(self, *args, weight_controller: WeightController, aoc_config: dict | None = None, **kwargs):
+    def __init__(self, *args, weight_controller: WeightController, aoc_config: dict | None = None,
+                 advantage_aggregation: str | None = None, advantage_std_floor: float | None = None, **kwargs):
+        from balancedbio.defaults import schema_default, with_defaults
+
         self.weight_controller = weight_controller
-        self.aoc = {"mode": "off", "interval": 1, "tau": 0.1, "lambda": 0.6, "lambda_scaling": "gradient_norm",
-                    "penalty_gradient": "finite_difference", "fd_step": 1e-3,
-                    "eps": 1e-8, "projection": "pcgrad", "gradvac_beta": 0.01, **(aoc_config or {})}
+        self.aoc = with_defaults("aoc", aoc_config)  # the schema holds the defaults (mode: penalty)
+        args = kwargs.get("args")
+        # A BalancedGRPOConfig carries both settings; explicit arguments win, then the schema's defaults.
+        self.advantage_aggregation = (advantage_aggregation or getattr(args, "advantage_aggregation", None)
+                                      or schema_default("grpo", "advantage_aggregation"))
+        self.advantage_std_floor = float(advantage_std_floor or getattr(args, "advantage_std_floor", None)
+                                         or schema_default("grpo", "advantage_std_floor"))
+        if self.advantage_aggregation not in ADVANTAGE_AGGREGATIONS:
+            raise ValueError(f"unknown grpo.advantage_aggregation {self.advantage_aggregation!r}: expected one of "
+                             f"{', '.join(ADVANTAGE_AGGREGATIONS)}")
+        if self.advantage_aggregation != "weighted_components" and args is not None:
+            args.multi_objective_aggregation = self.advantage_aggregation  # TRL computes these two itself
         super().__init__(*args, **kwargs)
         names = [getattr(f, "name", getattr(f, "__name__", str(f))) for f in self.reward_funcs]
         if names != weight_controller.names:
@@ -199,11 +238,12 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
             if self.aoc["mode"] == "project" else None
         self._step_record: dict[str, Any] = {}
 
-    # -- dynamic weights ---------------------------------------------------------------------
+    # -- dynamic weights and advantages --------------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         from accelerate.utils import gather_object
 
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._last_rewards_per_func = rewards_per_func  # gathered: every process's rows, in process order
         if not self.model.training:
             return rewards_per_func
         rates = []
@@ -220,12 +260,35 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
             record[f"success_{name}"] = s
             record[f"weight_{name}"] = w
             record[f"error_{name}"] = e
-        self._last_rewards_per_func = rewards_per_func
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
         device = output["completion_ids"].device
+        rows = output["completion_ids"].shape[0]
+        num_generations = self.num_generations if self.model.training else self.num_generations_eval
+        rewards_per_func = self._last_rewards_per_func
+        if self.advantage_aggregation == "weighted_components":
+            advantages = weighted_component_advantages(rewards_per_func, self.reward_weights, num_generations,
+                                                       self.advantage_std_floor)
+        else:  # TRL's own (sum_then_normalize / normalize_then_sum): rebuilt here only for the share below
+            advantages = None
+        # TRL gathers the rewards of all processes, then keeps this process's contiguous slice.
+        offset = self.accelerator.process_index * rows
+        if advantages is not None:
+            output["advantages"] = advantages[offset:offset + rows].to(device=device, dtype=output["advantages"].dtype)
+        if self.model.training and "instruction" in self.weight_controller.names:
+            # Share of sum |A| on the instruction rows: how much of this batch's policy-gradient signal
+            # goes to instruction following (all processes' rows; no collective needed).
+            instruction = ~torch.isnan(rewards_per_func[:, self.weight_controller.names.index("instruction")])
+            if advantages is None:
+                from accelerate.utils import gather
+
+                advantages = gather(output["advantages"].reshape(rows, -1).abs().sum(dim=1))
+            magnitude = advantages.abs().reshape(advantages.shape[0], -1).sum(dim=1).to(instruction.device)
+            total = float(magnitude.sum())
+            self._step_record["update_share_instruction"] = float(magnitude[instruction].sum()) / total \
+                if total > 0 else None
         output["is_medical"] = torch.tensor([row.get("capability") == "medical" for row in inputs],
                                             dtype=torch.bool, device=device)
         return output
