@@ -209,17 +209,17 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
 
         self.weight_controller = weight_controller
         self.aoc = with_defaults("aoc", aoc_config)  # the schema holds the defaults (mode: penalty)
-        args = kwargs.get("args")
+        config = kwargs.get("args")
         # A BalancedGRPOConfig carries both settings; explicit arguments win, then the schema's defaults.
-        self.advantage_aggregation = (advantage_aggregation or getattr(args, "advantage_aggregation", None)
+        self.advantage_aggregation = (advantage_aggregation or getattr(config, "advantage_aggregation", None)
                                       or schema_default("grpo", "advantage_aggregation"))
-        self.advantage_std_floor = float(advantage_std_floor or getattr(args, "advantage_std_floor", None)
+        self.advantage_std_floor = float(advantage_std_floor or getattr(config, "advantage_std_floor", None)
                                          or schema_default("grpo", "advantage_std_floor"))
         if self.advantage_aggregation not in ADVANTAGE_AGGREGATIONS:
             raise ValueError(f"unknown grpo.advantage_aggregation {self.advantage_aggregation!r}: expected one of "
                              f"{', '.join(ADVANTAGE_AGGREGATIONS)}")
-        if self.advantage_aggregation != "weighted_components" and args is not None:
-            args.multi_objective_aggregation = self.advantage_aggregation  # TRL computes these two itself
+        if self.advantage_aggregation != "weighted_components" and config is not None:
+            config.multi_objective_aggregation = self.advantage_aggregation  # TRL computes these two itself
         super().__init__(*args, **kwargs)
         names = [getattr(f, "name", getattr(f, "__name__", str(f))) for f in self.reward_funcs]
         if names != weight_controller.names:
