@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Sampler
 from transformers import TrainerCallback
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 
 from balancedbio.aoc import (Projector, cosine_from_gramian, cosine_gradient_directions, dynamic_lambda,
                              gramian, orthogonality_penalty)
@@ -591,33 +591,34 @@ def build_prompt_dataset(mcq_path: str, prompts_path: str, *, max_prompts: int |
     return Dataset.from_list(medical + instruction)
 
 
-def grpo_config(settings: dict, output_dir: str, world_size: int = 1, deepspeed: str | None = None) -> GRPOConfig:
+def grpo_config(settings: dict, output_dir: str, world_size: int = 1, deepspeed: str | None = None):
+    """The ``BalancedGRPOConfig`` of one variant's settings (``balancedbio.variants.variant_settings``)."""
+    from balancedbio.training_args import GRPO_EXTRA_KEYS, PREFIXED_SECTIONS, BalancedGRPOConfig
+
     grpo, training = settings["grpo"], settings["training"]
-    group = grpo["num_generations"]
-    return GRPOConfig(
+    same_name = {key: grpo[key] for key in ("num_generations", "max_completion_length", "temperature", "beta",
+                                            "epsilon", "loss_type", "scale_rewards", "max_steps", "save_steps",
+                                            "use_vllm")}
+    ours = {f"{section}_{key}": value for section in PREFIXED_SECTIONS for key, value in settings[section].items()}
+    ours.update({key: grpo[key] for key in GRPO_EXTRA_KEYS if key in grpo})
+    return BalancedGRPOConfig(
         output_dir=output_dir,
-        per_device_train_batch_size=grpo["prompts_per_step"] * group,
+        **same_name,
+        **ours,
+        variant=settings["variant"],
+        use_prm=settings["use_prm"],
+        advantage_estimator=settings["advantage"],
         gradient_accumulation_steps=1,
-        num_generations=group,
-        max_completion_length=grpo["max_completion_length"],
-        temperature=grpo["temperature"],
-        beta=grpo["beta"],
-        epsilon=grpo["epsilon"],
-        loss_type=grpo["loss_type"],
-        scale_rewards=grpo["scale_rewards"],
         learning_rate=grpo.get("learning_rate") or training["learning_rate"],
         lr_scheduler_type=training["lr_scheduler_type"],
         warmup_steps=training["warmup_ratio"],  # transformers 5: a float < 1 is a ratio
-        max_steps=grpo["max_steps"],
         logging_steps=1,
         save_strategy="steps",
-        save_steps=grpo["save_steps"],
         save_total_limit=2,
         bf16=training["bf16"],
         gradient_checkpointing=training["gradient_checkpointing"],
         seed=settings["seed"],
-        report_to=[],
-        use_vllm=grpo["use_vllm"],
+        report_to=list(settings.get("report_to") or []),  # the run's logging.report_to (variant_settings)
         vllm_mode="colocate",
         deepspeed=deepspeed if world_size > 1 else None,
         log_completions=False,
@@ -647,77 +648,95 @@ def save_merged(trainer, tokenizer, out_dir: str, extra_files: dict[str, Any] | 
             (Path(tmp) / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
-def build_trainer(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: str | None, settings: dict,
-                  output_dir: str, world_size: int = 1, deepspeed: str | None = None, callbacks: Sequence = (),
+def build_trainer(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: str | None, output_dir: str,
+                  settings: dict | None = None, args=None, peft_config=None, trust_remote_code: bool = False,
+                  world_size: int = 1, deepspeed: str | None = None, callbacks: Sequence = (),
                   vanilla: bool = False, generation_kwargs: dict | None = None):
-    """The trainer of one variant (or, with ``vanilla``, TRL's GRPOTrainer on the same setup and batches)."""
+    """The trainer of one variant (or, with ``vanilla``, TRL's GRPOTrainer on the same setup and batches).
+
+    Either ``settings`` (a variant's settings dict, as the Snakemake rule passes them) or ``args``
+    (a ``BalancedGRPOConfig``, as a recipe gives it, with ``peft_config`` and ``trust_remote_code``).
+    """
     from balancedbio.models import load_causal_lm, load_tokenizer
     from balancedbio.rewards import build_reward_functions
 
-    dataset = build_prompt_dataset(mcq_path, prompts_path, max_prompts=settings["grpo"]["max_prompts"],
-                                   seed=settings["seed"])
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=settings["trust_remote_code"])
-    model = load_causal_lm(model_dir, dtype="bfloat16" if settings["training"]["bf16"] else "float32",
-                           trust_remote_code=settings["trust_remote_code"])
-    reward_funcs = build_reward_functions(settings["rewards"], prm_dir if settings["use_prm"] else None)
-    args = grpo_config(settings, output_dir, world_size, deepspeed)
+    if settings is not None:
+        args = grpo_config(settings, output_dir, world_size, deepspeed)
+        peft_config = lora_config(settings["training"]) if settings["training"]["use_lora"] else None
+        trust_remote_code = settings["trust_remote_code"]
+    elif args is None:
+        raise ValueError("build_trainer needs settings or args")
+    dataset = build_prompt_dataset(mcq_path, prompts_path, max_prompts=args.max_prompts, seed=args.seed)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(model_dir, dtype="bfloat16" if args.bf16 else "float32",
+                           trust_remote_code=trust_remote_code)
+    reward_funcs = build_reward_functions(args.section("rewards"), prm_dir if args.use_prm else None)
     if generation_kwargs:
         args.generation_kwargs = {**(args.generation_kwargs or {}), **generation_kwargs}
     kwargs = dict(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
-                  processing_class=tokenizer,
-                  peft_config=lora_config(settings["training"]) if settings["training"]["use_lora"] else None,
-                  callbacks=list(callbacks))
+                  processing_class=tokenizer, peft_config=peft_config, callbacks=list(callbacks))
     if vanilla:  # TRL's own step, sampling from the policy as TRL does
         return StratifiedGRPOTrainer(**kwargs), tokenizer
-    kwargs["rollout_weights"] = settings["grpo"]["rollout_weights"]
-    kwargs.update(weight_controller=build_weight_controller(settings["weights"], [f.name for f in reward_funcs]),
-                  aoc_config=settings["aoc"])
-    if settings["advantage"] == "critic":
+    kwargs["rollout_weights"] = args.rollout_weights
+    kwargs.update(weight_controller=build_weight_controller(args.section("weights"), [f.name for f in reward_funcs]),
+                  aoc_config=args.section("aoc"))
+    if args.advantage_estimator == "critic":
         from balancedbio.ppo import CriticAdvantageTrainer
 
-        return CriticAdvantageTrainer(**kwargs, critic_model_dir=model_dir, ppo_config=settings["ppo"]), tokenizer
+        return CriticAdvantageTrainer(**kwargs, critic_model_dir=model_dir, ppo_config=args.section("ppo")), tokenizer
     return BalancedGRPOTrainer(**kwargs), tokenizer
 
 
 def run_grpo(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: str | None, out_dir: str,
-             dynamics_path: str, checkpoint_dir: str, settings: dict, callbacks: Sequence = ()) -> dict:
-    """Train one variant; resumes from the newest checkpoint in ``checkpoint_dir``."""
+             dynamics_path: str, checkpoint_dir: str, settings: dict | None = None, args=None, peft_config=None,
+             trust_remote_code: bool = False, callbacks: Sequence = ()) -> dict:
+    """Train one variant; resumes from the newest checkpoint in ``checkpoint_dir``.
+
+    ``settings`` (the Snakemake rule's) or ``args`` + ``peft_config`` (a recipe's), as in ``build_trainer``.
+    """
     from transformers import set_seed
 
     from balancedbio.checkpoints import CompletionMarker, last_complete_checkpoint
 
-    set_seed(settings["seed"])
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    deepspeed = settings["training"].get("deepspeed_config")
     checkpoint_root = Path(checkpoint_dir)
+    if settings is not None:
+        args = grpo_config(settings, str(checkpoint_root), world_size, settings["training"].get("deepspeed_config"))
+        peft_config = lora_config(settings["training"]) if settings["training"]["use_lora"] else None
+        trust_remote_code = settings["trust_remote_code"]
+    elif args is None:
+        raise ValueError("run_grpo needs settings or args")
+    else:
+        args.output_dir = str(checkpoint_root)  # checkpoints and resume live there
+    set_seed(args.seed)
     checkpoint_root.mkdir(parents=True, exist_ok=True)
     live_dynamics = checkpoint_root / "dynamics.jsonl"
     last = last_complete_checkpoint(checkpoint_root)
     if last:
         step = int(Path(last).name.split("-")[-1])
-        log.info("resuming %s from %s (step %d)", settings["variant"], last, step)
+        log.info("resuming %s from %s (step %d)", args.variant, last, step)
         truncate_dynamics(live_dynamics, step)
     else:
         live_dynamics.unlink(missing_ok=True)
 
     trainer_ref: list = []
     trainer, tokenizer = build_trainer(
-        model_dir=model_dir, mcq_path=mcq_path, prompts_path=prompts_path, prm_dir=prm_dir, settings=settings,
-        output_dir=str(checkpoint_root), world_size=world_size, deepspeed=deepspeed,
+        model_dir=model_dir, mcq_path=mcq_path, prompts_path=prompts_path, prm_dir=prm_dir, args=args,
+        peft_config=peft_config, trust_remote_code=trust_remote_code, output_dir=str(checkpoint_root),
         callbacks=[DynamicsWriter(live_dynamics, trainer_ref), CompletionMarker(), *callbacks])
     controller, reward_funcs, dataset = trainer.weight_controller, trainer.reward_funcs, trainer.train_dataset
     trainer_ref.append(trainer)
-    log.info("GRPO %s: %d prompts (%d medical), G=%d, %d prompts/step, %d steps, weights=%s, aoc=%s",
-             settings["variant"], len(dataset), sum(c == "medical" for c in dataset["capability"]),
-             settings["grpo"]["num_generations"], settings["grpo"]["prompts_per_step"],
-             settings["grpo"]["max_steps"], settings["weights"]["mode"], settings["aoc"]["mode"])
+    log.info("GRPO %s: %d prompts (%d medical), G=%d, %d prompts/step, %d steps, weights=%s, aoc=%s, "
+             "advantages=%s", args.variant, len(dataset), sum(c == "medical" for c in dataset["capability"]),
+             args.num_generations, args.prompts_per_step, args.max_steps, args.weights_mode, args.aoc_mode,
+             args.advantage_aggregation)
     result = trainer.train(resume_from_checkpoint=last)
-    summary = {"variant": settings["variant"], "global_step": trainer.state.global_step,
+    summary = {"variant": args.variant, "global_step": trainer.state.global_step,
                "train_runtime_s": result.metrics.get("train_runtime"), "resumed_from": last,
                "final_weights": dict(zip(controller.names, controller.weights)),
                "final_success": dict(zip(controller.names, controller.success)),
                "reward_stats": {f.name: dict(getattr(f, "stats", {})) for f in reward_funcs},
-               "settings": settings}
+               "settings": settings if settings is not None else _recipe_settings(args)}
     if trainer.accelerator.is_main_process:
         save_merged(trainer, tokenizer, out_dir, {"balancedbio_training.json": summary})
         from balancedbio.io import atomic_file
@@ -726,6 +745,14 @@ def run_grpo(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: str |
             handle.write(live_dynamics.read_text(encoding="utf-8"))
         shutil.rmtree(checkpoint_root, ignore_errors=True)
     return summary
+
+
+def _recipe_settings(args) -> dict:
+    """What a recipe run trained with, in the sections of the workflow config (for the model's summary)."""
+    from balancedbio.training_args import PREFIXED_SECTIONS
+
+    return {"variant": args.variant, "use_prm": args.use_prm, "advantage": args.advantage_estimator,
+            "seed": args.seed, **{section: args.section(section) for section in (*PREFIXED_SECTIONS, "grpo")}}
 
 
 def read_dynamics(path: str | os.PathLike) -> list[dict]:
