@@ -1,19 +1,20 @@
 """Capability-aware GRPO (section 4, Algorithm 1): a subclass of TRL's ``GRPOTrainer``.
 
-TRL keeps doing what it does (sampling G completions per prompt, group-normalised
-advantages, clipped ratio, KL against the reference policy); this subclass adds:
+TRL keeps doing what it does (sampling G completions per prompt, clipped ratio, KL against
+the reference policy); this subclass adds:
 
 - **Stratified batches** (appendix B): ``StratifiedRepeatSampler`` interleaves medical and
   instruction prompts so every generation batch, and every device's slice of it, holds both.
-- **Composite reward** R_total = sum_k w_k R_k over accuracy, reasoning, instruction
-  (``balancedbio.rewards``). A component that does not apply to a prompt returns ``None``:
-  TRL makes it NaN and sums with ``nansum``, so an instruction prompt has no R_acc and no
-  R_reas and a multiple-choice prompt has no R_inst. Because advantages are normalised
-  *within* each prompt's group, a missing component changes nothing inside the group.
-- **Dynamic weights** (eq. 10): after the rewards of a batch are computed, each component's
-  success rate updates the controller (``balancedbio.weights``) and the new weights are used
-  for *this* batch's R_total (Algorithm 1, lines 13-15): TRL reads ``self.reward_weights``
-  right after ``_calculate_rewards``.
+- **Composite reward** over accuracy, reasoning, instruction (``balancedbio.rewards``). A
+  component that does not apply to a prompt returns ``None`` (NaN in TRL's reward matrix): an
+  instruction prompt has no R_acc and no R_reas, a multiple-choice prompt has no R_inst.
+- **Advantages of eq. 11** (``grpo.advantage_aggregation: weighted_components``):
+  A = sum_k w_k A_k with each A_k centred in its group and scaled by its own batch-level std
+  (``weighted_component_advantages``), so a weight sets its capability's share of the update.
+  TRL's ``sum_then_normalize`` / ``normalize_then_sum`` remain selectable; TRL computes them.
+- **Dynamic weights** (eq. 10, ``balancedbio.weights``): after the rewards of a batch are
+  computed, each component's success rate updates the controller and the new weights are used
+  for *this* batch's advantages (Algorithm 1, lines 13-15).
 - **Active Orthogonality Control** (eqs. 4-6, ``balancedbio.aoc``): every ``aoc.interval``
   optimizer steps ``training_step`` computes TRL's own loss on the medical rows and on the
   instruction rows of the micro-batch (scaled so they sum exactly to the full loss), takes
