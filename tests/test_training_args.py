@@ -45,7 +45,8 @@ def test_the_workflow_settings_arrive_unchanged(smoke_config, tmp_path):
     for section in ("weights", "aoc", "ppo", "rewards"):
         assert args.section(section) == settings[section]
     assert args.advantage_aggregation == "normalize_then_sum" == args.multi_objective_aggregation
-    assert args.per_device_train_batch_size == settings["grpo"]["prompts_per_step"] * settings["grpo"]["num_generations"]
+    grpo = settings["grpo"]
+    assert args.per_device_train_batch_size == grpo["prompts_per_step"] * grpo["num_generations"]
     assert args.learning_rate == settings["grpo"]["learning_rate"] and args.report_to == settings["report_to"]
 
 
