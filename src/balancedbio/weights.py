@@ -115,11 +115,11 @@ class PIDWeights(WeightController):
                  max_weight=10.0, integral_limit=5.0, normalize=True, saturation=0.95):
         super().__init__(names, initial, ema)
         if not 0 < min_weight < max_weight:
-            raise ValueError(f"weight bounds must satisfy 0 < min_weight < max_weight, "
+            raise ValueError(f"weight bounds must satisfy 0 < weights.min_weight < weights.max_weight, "
                              f"got [{min_weight}, {max_weight}]")
         if any(not min_weight < w < max_weight for w in self.weights):
-            raise ValueError(f"initial weights {dict(zip(self.names, self.weights))} must lie strictly inside "
-                             f"(min_weight, max_weight) = ({min_weight}, {max_weight})")
+            raise ValueError(f"weights.initial {dict(zip(self.names, self.weights))} must lie strictly inside "
+                             f"(weights.min_weight, weights.max_weight) = ({min_weight}, {max_weight})")
         if not 0 < saturation < 1:
             raise ValueError(f"the saturation level must be in (0, 1), not {saturation}")
         self.kp, self.ki, self.kd = kp, ki, kd
