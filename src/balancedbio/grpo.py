@@ -272,7 +272,7 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
         if self.advantage_aggregation == "weighted_components":
             advantages = weighted_component_advantages(rewards_per_func, self.reward_weights, num_generations,
                                                        self.advantage_std_floor)
-        else:  # TRL's own (sum_then_normalize / normalize_then_sum): rebuilt here only for the share below
+        else:  # TRL's own (sum_then_normalize / normalize_then_sum), already in output["advantages"]
             advantages = None
         # TRL gathers the rewards of all processes, then keeps this process's contiguous slice.
         offset = self.accelerator.process_index * rows
@@ -280,7 +280,8 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
             output["advantages"] = advantages[offset:offset + rows].to(device=device, dtype=output["advantages"].dtype)
         if self.model.training and "instruction" in self.weight_controller.names:
             # Share of sum |A| on the instruction rows: how much of this batch's policy-gradient signal
-            # goes to instruction following (all processes' rows; no collective needed).
+            # goes to instruction following, over all processes' rows (eq. 11's advantages are computed
+            # for all of them already; TRL's are gathered, on every rank alike).
             instruction = ~torch.isnan(rewards_per_func[:, self.weight_controller.names.index("instruction")])
             if advantages is None:
                 from accelerate.utils import gather
