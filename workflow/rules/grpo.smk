@@ -3,11 +3,16 @@
 
 import json
 
-from balancedbio.variants import ABLATION_VARIANTS, GROUP_SIZES, variant_settings
+from balancedbio.variants import (
+    ABLATION_VARIANTS,
+    GROUP_SIZES,
+    VARIANT_PATTERN,
+    variant_settings,
+)
 
 
 wildcard_constraints:
-    variant="full|static_weights|no_prm|no_aoc|ppo|dwa|pcgrad|gradvac|g[0-9]+",
+    variant=VARIANT_PATTERN,
 
 
 rule grpo:
