@@ -43,7 +43,7 @@ def run_grpo_recipe(argv: list[str]) -> dict:
     summary = run_grpo(model_dir=model_args.model_name_or_path, mcq_path=paths.mcq, prompts_path=paths.prompts,
                        prm_dir=paths.prm, out_dir=paths.out, dynamics_path=paths.dynamics,
                        checkpoint_dir=paths.checkpoints, args=args, peft_config=get_peft_config(model_args),
-                       trust_remote_code=paths.trust_remote_code)
+                       trust_remote_code=args.trust_remote_code)  # GRPOConfig's field
     if paths.figure and int(os.environ.get("RANK", "0")) == 0:
         plot_dynamics(paths.dynamics, paths.figure, title=f"grpo_{args.variant}")
     return summary

@@ -139,5 +139,3 @@ class GRPOScriptArguments:
     checkpoints: str = field(metadata={"help": "Checkpoint folder (a run resumes from its newest checkpoint)."})
     prm: str | None = field(default=None, metadata={"help": "The process reward model folder (use_prm)."})
     figure: str | None = field(default=None, metadata={"help": "Optional PNG of the dynamics."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Run model code shipped with the model "
-                                                                      "folder (off: safer)."})
