@@ -16,7 +16,7 @@ from trl import GRPOConfig  # noqa: E402
 from balancedbio.aoc import Projector, gradient_cosine  # noqa: E402
 from balancedbio.grpo import BalancedGRPOTrainer  # noqa: E402
 from balancedbio.rewards import AccuracyReward, InstructionReward  # noqa: E402
-from balancedbio.weights import PIDWeights  # noqa: E402
+from balancedbio.weights import PIDWeights, StaticWeights  # noqa: E402
 
 VOCAB = ["<pad>", "<unk>", "<eos>"] + [f"w{i}" for i in range(29)]
 
@@ -30,7 +30,7 @@ def _tokenizer():
                                    eos_token="<eos>")
 
 
-def make_trainer(tmp_path, mode: str, **aoc) -> BalancedGRPOTrainer:
+def make_trainer(tmp_path, mode: str, controller=None, advantage_aggregation=None, **aoc) -> BalancedGRPOTrainer:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
@@ -45,7 +45,8 @@ def make_trainer(tmp_path, mode: str, **aoc) -> BalancedGRPOTrainer:
                       logging_steps=1)
     trainer = BalancedGRPOTrainer(model=model, reward_funcs=[AccuracyReward(), InstructionReward()], args=args,
                                   train_dataset=dataset, processing_class=_tokenizer(),
-                                  weight_controller=PIDWeights(["accuracy", "instruction"]),
+                                  weight_controller=controller or PIDWeights(["accuracy", "instruction"]),
+                                  advantage_aggregation=advantage_aggregation,
                                   aoc_config={"mode": mode, "tau": 0.0, "lambda": 0.6,
                                               "lambda_scaling": "constant", **aoc})
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop in a real run
@@ -180,3 +181,78 @@ def test_finite_difference_penalty_gradient_matches_the_double_backward(tmp_path
     # A forward difference in float32: agreement to within a few percent, measured 0.985 here.
     assert float(torch.nn.functional.cosine_similarity(exact, approx, dim=0)) > 0.95
     assert float(approx.norm()) == pytest.approx(float(exact.norm()), rel=0.1)
+
+
+# -- eq. 11 advantages ------------------------------------------------------------------------
+NAN = float("nan")
+# One medical prompt (accuracy only) and one instruction prompt (instruction only), G = 2.
+GROUP_REWARDS = torch.tensor([[1.0, NAN], [0.0, NAN], [NAN, 1.0], [NAN, 0.5]])
+
+
+def _scored_step(tmp_path, aggregation: str, w_inst: float, rewards=GROUP_REWARDS):
+    """A real generation + scoring step of the tiny model (rewards fixed), then both capabilities' gradients."""
+    from unittest import mock
+
+    controller = StaticWeights(["accuracy", "instruction"], [1.0, w_inst])
+    trainer = make_trainer(tmp_path, "off", controller=controller, advantage_aggregation=aggregation)
+    rows = [dict(trainer.train_dataset[i]) for i in (0, 0, 1, 1)]
+    torch.manual_seed(3)  # the same completions in every call
+    with mock.patch("trl.GRPOTrainer._calculate_rewards", return_value=rewards.clone()):
+        output = trainer._generate_and_score_completions(rows)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    norms = {}
+    for name, mask in (("medical", output["is_medical"]), ("instruction", ~output["is_medical"])):
+        part = {k: v[mask] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == 4 else v
+                for k, v in output.items()}
+        grads = torch.autograd.grad(trainer._compute_loss(trainer.model, part), params, allow_unused=True)
+        norms[name] = float(_flat([g for g in grads if g is not None]).norm())
+    share = norms["instruction"] / (norms["medical"] + norms["instruction"])
+    return output, share, trainer.pop_step_record()
+
+
+def test_weighted_components_advantages_by_hand(tmp_path):
+    output, _, record = _scored_step(tmp_path, "weighted_components", 10.0)
+    # accuracy [1, 0] centred +-0.5, batch std 0.5; instruction [1, 0.5] centred +-0.25, std 0.25.
+    assert output["advantages"].tolist() == pytest.approx([1.0, -1.0, 10.0, -10.0])
+    assert record["update_share_instruction"] == pytest.approx(20 / 22)
+
+
+def test_raising_w_inst_raises_the_instruction_share_only_under_eq_11(tmp_path):
+    shares = {(agg, w): _scored_step(tmp_path, agg, w)[1]
+              for agg in ("weighted_components", "sum_then_normalize") for w in (1.0, 10.0)}
+    # Eq. 11: w_inst 1 -> 10 multiplies the instruction rows' advantages, hence their gradient, by 10.
+    low, high = shares[("weighted_components", 1.0)], shares[("weighted_components", 10.0)]
+    assert high > low + 0.2
+    assert high / (1 - high) == pytest.approx(10 * low / (1 - low), rel=1e-3)
+    # TRL's sum_then_normalize group-normalises R_total: the instruction group only carries R_inst,
+    # so w_inst cancels inside it and the share does not move (the reason eq. 11 is the default);
+    # only TRL's +1e-4 in the std denominator differs (measured: 0.53711 vs 0.53711, 1.4e-5 apart).
+    assert shares[("sum_then_normalize", 10.0)] == pytest.approx(shares[("sum_then_normalize", 1.0)], rel=1e-3)
+
+
+def test_std_floor_keeps_a_nearly_constant_component_small():
+    from balancedbio.grpo import weighted_component_advantages
+
+    rewards = torch.tensor([[1.0, NAN], [0.0, NAN], [NAN, 0.50], [NAN, 0.51]])
+    advantages = weighted_component_advantages(rewards, torch.tensor([1.0, 1.0]), 2, std_floor=0.1)
+    # The instruction spread (+-0.005) is divided by the floor 0.1, not by its own std (-> +-1).
+    assert advantages.tolist() == pytest.approx([1.0, -1.0, -0.05, 0.05])
+    unscorable = weighted_component_advantages(torch.tensor([[NAN, NAN], [NAN, NAN]]), torch.ones(2), 2, 0.1)
+    assert unscorable.tolist() == [0.0, 0.0]
+
+
+def test_weighted_advantages_keep_this_process_rows(tmp_path):
+    """Under data parallel TRL gathers the rewards of all processes; each keeps its own contiguous slice."""
+    from unittest import mock
+
+    from balancedbio.grpo import weighted_component_advantages
+
+    both = torch.cat([GROUP_REWARDS, torch.tensor([[0.0, NAN], [1.0, NAN], [NAN, 0.0], [NAN, 1.0]])])
+    trainer = make_trainer(tmp_path, "off", controller=StaticWeights(["accuracy", "instruction"], [1.0, 2.0]))
+    rows = [dict(trainer.train_dataset[i]) for i in (0, 0, 1, 1)]
+    with mock.patch("trl.GRPOTrainer._calculate_rewards", return_value=both.clone()), \
+            mock.patch.object(type(trainer.accelerator), "process_index", new_callable=mock.PropertyMock,
+                              return_value=1):
+        output = trainer._generate_and_score_completions(rows)
+    expected = weighted_component_advantages(both, torch.tensor([1.0, 2.0]), 2, 0.1)[4:]
+    assert output["advantages"].tolist() == pytest.approx(expected.tolist())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -21,7 +22,7 @@ NAMES = ["accuracy", "reasoning", "instruction"]
 # -- PID weights ---------------------------------------------------------------------------
 
 def test_pid_raises_the_lagging_weight_and_lowers_the_leading_one():
-    pid = PIDWeights(NAMES, kp=0.5, ki=0.05)
+    pid = PIDWeights(NAMES)
     for _ in range(10):  # accuracy lags, instruction leads (section 4.4's example)
         weights = pid.update([0.2, 0.5, 0.9])
     assert weights[0] > 1.0 > weights[2]
@@ -29,39 +30,72 @@ def test_pid_raises_the_lagging_weight_and_lowers_the_leading_one():
     assert pid.errors()[0] > 0 > pid.errors()[2]
 
 
-def test_pid_first_step_matches_eq_10_by_hand():
+def test_pid_first_step_by_hand():
     pid = PIDWeights(NAMES, ema=0.1, kp=0.5, ki=0.05, normalize=False)
     weights = pid.update([0.0, 0.3, 0.9])
-    # First observation seeds S; e_k = mean(S) - S_k; integral = e_k; w = exp(Kp e + Ki e).
-    mean = 0.4
-    expected = [math.exp((0.5 + 0.05) * (mean - s)) for s in (0.0, 0.3, 0.9)]
+    # First observation seeds S; e_k = mean(S) - S_k; integral = e_k; z = (Kp + Ki) e_k;
+    # log w = 0 + h tanh(z / h) with h = log 10 (bounds 0.1 .. 10 are symmetric in log space).
+    half = math.log(10.0)
+    expected = [math.exp(half * math.tanh((0.5 + 0.05) * (0.4 - s) / half)) for s in (0.0, 0.3, 0.9)]
     assert weights == pytest.approx(expected)
 
 
-def test_pid_stays_bounded_and_the_integral_does_not_wind_up():
+@pytest.mark.parametrize("gains", [dict(kp=2.0, ki=0.2), dict(kp=20.0, ki=5.0, integral_limit=50.0)])
+def test_pid_settles_strictly_inside_its_bounds_under_constant_rates(gains):
+    # Eq. 10's multiplicative form integrates a constant error forever and ends on a clamp;
+    # this controller reaches a fixed point, strictly inside (min, max) even with huge gains.
+    pid = PIDWeights(NAMES, ema=0.1, min_weight=0.2, max_weight=5.0, **gains)
+    history = [pid.update([0.2, 0.5, 0.8]) for _ in range(400)]
+    final = history[-1]
+    assert all(0.2 < w < 5.0 for w in final), final
+    assert max(abs(a - b) for a, b in zip(history[-2], final)) < 1e-9  # stopped changing
+    assert final[0] > final[1] > final[2]  # the lagging accuracy ends highest
+    assert math.prod(final) == pytest.approx(1.0)  # geometric mean 1
+    assert all(abs(i) <= pid.integral_limit for i in pid.integral)
+
+
+def test_pid_weight_of_a_lagging_component_rises_step_by_step():
+    pid = PIDWeights(NAMES)
+    accuracy = [pid.update([0.1, 0.6, 0.6])[0] for _ in range(30)]
+    assert all(b >= a for a, b in zip(accuracy, accuracy[1:])) and accuracy[-1] > accuracy[0] > 1.0
+
+
+def test_pid_integral_does_not_wind_up():
     pid = PIDWeights(NAMES, ema=1.0, kp=2.0, ki=1.0, min_weight=0.2, max_weight=5.0, integral_limit=3.0)
     for _ in range(2000):
         weights = pid.update([0.0, 0.5, 1.0])  # a constant error, forever
-    assert all(0.2 <= w <= 5.0 and math.isfinite(w) for w in weights)
-    assert weights[0] > weights[1] > weights[2]
+    assert all(0.2 < w < 5.0 and math.isfinite(w) for w in weights)
     assert all(abs(i) <= 3.0 for i in pid.integral)
-    # When the error flips, the clamped integral unwinds within a few steps (2000 steps of
-    # unclamped integral would keep the old ordering for thousands more).
+    # When the error flips, the integral (stopped at saturation) unwinds within a few steps.
     for _ in range(10):
         pid.update([1.0, 0.5, 0.0])
     assert pid.weights[0] < pid.weights[2]
 
 
 def test_pid_resumes_its_state_exactly():
-    run = PIDWeights(NAMES)
+    run = PIDWeights(NAMES, initial=[2.0, 1.0, 0.5])
     for rates in ([0.1, 0.5, 0.9], [0.2, None, 0.8], [0.3, 0.6, 0.7]):
         run.update(rates)
-    restored = PIDWeights(NAMES)
-    restored.load_state_dict(run.state_dict())
+    restored = PIDWeights(NAMES)  # other initial weights: the state carries them
+    restored.load_state_dict(json.loads(json.dumps(run.state_dict())))  # as the checkpoint stores it
     for rates in ([0.4, 0.5, 0.6], [0.0, 1.0, 0.5]):
         assert restored.update(rates) == run.update(rates)
     with pytest.raises(ValueError, match="cannot be loaded"):
         StaticWeights(NAMES).load_state_dict(run.state_dict())
+
+
+def test_pid_rejects_initial_weights_outside_its_bounds():
+    with pytest.raises(ValueError, match="strictly inside"):
+        build_weight_controller({"mode": "pid", "initial": {"instruction": 10.0}}, NAMES)
+
+
+def test_dwa_resumes_its_state_exactly():
+    run = DWAWeights(NAMES)
+    for rates in ([0.1, 0.5, 0.9], [0.2, 0.4, 0.8], [0.3, 0.6, 0.7]):
+        run.update(rates)
+    restored = DWAWeights(NAMES)
+    restored.load_state_dict(json.loads(json.dumps(run.state_dict())))
+    assert restored.update([0.4, 0.5, 0.6]) == run.update([0.4, 0.5, 0.6])
 
 
 def test_component_without_evidence_keeps_its_success_rate():
@@ -272,8 +306,28 @@ def test_variants_change_exactly_what_they_name(smoke_config):
                                                                "projection": "gradvac"}
     assert variant_settings(smoke_config, "g16")["grpo"]["num_generations"] == 16
     assert full["weights"]["mode"] == "pid" and full["aoc"]["mode"] == "penalty"
+    assert full["grpo"]["advantage_aggregation"] == "weighted_components"
+    assert variant_settings(smoke_config, "gdpo")["grpo"] == {**full["grpo"],
+                                                              "advantage_aggregation": "normalize_then_sum"}
+    assert variant_settings(smoke_config, "sum_then_normalize")["grpo"]["advantage_aggregation"] == \
+        "sum_then_normalize"
     with pytest.raises(ValueError, match="unknown GRPO variant"):
         variant_settings(smoke_config, "fast")
+
+
+def test_one_definition_of_the_variant_names():
+    import re
+
+    from balancedbio.variants import ABLATION_VARIANTS, DEFAULT_VARIANTS, VARIANT_PATTERN, is_variant
+
+    named = [*DEFAULT_VARIANTS, *ABLATION_VARIANTS, "g4", "g16"]
+    assert all(is_variant(v) and re.fullmatch(VARIANT_PATTERN, v) for v in named)
+    assert not any(is_variant(v) for v in ("fast", "g1", "g", "full_x", "gdpo2"))
+    # The schema's pattern for grpo.variants accepts exactly these names too.
+    from balancedbio.defaults import _properties
+
+    pattern = _properties("grpo")["variants"]["items"]["pattern"]
+    assert all(re.fullmatch(pattern, v) for v in named) and not re.fullmatch(pattern, "fast")
 
 
 def test_launch_prefix_single_and_multi_gpu():

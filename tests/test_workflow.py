@@ -23,7 +23,8 @@ def test_dry_run_plans_the_full_dag(config_path, tmp_path):
 
 
 @pytest.mark.parametrize("target, variants", [
-    ("ablations", ["full", "static_weights", "no_prm", "no_aoc", "ppo", "dwa", "pcgrad", "gradvac"]),
+    ("ablations", ["full", "static_weights", "no_prm", "no_aoc", "ppo", "dwa", "pcgrad", "gradvac", "gdpo",
+                   "sum_then_normalize"]),
     ("group_size_sweep", ["g4", "g8", "g16"]),
 ])
 def test_ablation_and_sweep_targets_plan_every_variant(target, variants, tmp_path):

@@ -1,19 +1,20 @@
 """Capability-aware GRPO (section 4, Algorithm 1): a subclass of TRL's ``GRPOTrainer``.
 
-TRL keeps doing what it does (sampling G completions per prompt, group-normalised
-advantages, clipped ratio, KL against the reference policy); this subclass adds:
+TRL keeps doing what it does (sampling G completions per prompt, clipped ratio, KL against
+the reference policy); this subclass adds:
 
 - **Stratified batches** (appendix B): ``StratifiedRepeatSampler`` interleaves medical and
   instruction prompts so every generation batch, and every device's slice of it, holds both.
-- **Composite reward** R_total = sum_k w_k R_k over accuracy, reasoning, instruction
-  (``balancedbio.rewards``). A component that does not apply to a prompt returns ``None``:
-  TRL makes it NaN and sums with ``nansum``, so an instruction prompt has no R_acc and no
-  R_reas and a multiple-choice prompt has no R_inst. Because advantages are normalised
-  *within* each prompt's group, a missing component changes nothing inside the group.
-- **Dynamic weights** (eq. 10): after the rewards of a batch are computed, each component's
-  success rate updates the controller (``balancedbio.weights``) and the new weights are used
-  for *this* batch's R_total (Algorithm 1, lines 13-15): TRL reads ``self.reward_weights``
-  right after ``_calculate_rewards``.
+- **Composite reward** over accuracy, reasoning, instruction (``balancedbio.rewards``). A
+  component that does not apply to a prompt returns ``None`` (NaN in TRL's reward matrix): an
+  instruction prompt has no R_acc and no R_reas, a multiple-choice prompt has no R_inst.
+- **Advantages of eq. 11** (``grpo.advantage_aggregation: weighted_components``):
+  A = sum_k w_k A_k with each A_k centred in its group and scaled by its own batch-level std
+  (``weighted_component_advantages``), so a weight sets its capability's share of the update.
+  TRL's ``sum_then_normalize`` / ``normalize_then_sum`` remain selectable; TRL computes them.
+- **Dynamic weights** (eq. 10, ``balancedbio.weights``): after the rewards of a batch are
+  computed, each component's success rate updates the controller and the new weights are used
+  for *this* batch's advantages (Algorithm 1, lines 13-15).
 - **Active Orthogonality Control** (eqs. 4-6, ``balancedbio.aoc``): every ``aoc.interval``
   optimizer steps ``training_step`` computes TRL's own loss on the medical rows and on the
   instruction rows of the micro-batch (scaled so they sum exactly to the full loss), takes
@@ -45,7 +46,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Sampler
 from transformers import TrainerCallback
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 
 from balancedbio.aoc import (Projector, average_across_ranks, cosine_from_gramian, cosine_gradient_directions, dynamic_lambda,
                              gramian, orthogonality_penalty)
@@ -207,6 +208,33 @@ def _select_rows(inputs: dict, mask: torch.Tensor) -> dict:
             else value for key, value in inputs.items()}
 
 
+ADVANTAGE_AGGREGATIONS = ("weighted_components", "sum_then_normalize", "normalize_then_sum")
+
+
+def weighted_component_advantages(rewards_per_func: torch.Tensor, weights: torch.Tensor, num_generations: int,
+                                  std_floor: float) -> torch.Tensor:
+    """Eq. 11's advantages, A = sum_k w_k A_k, for a (rows, K) reward matrix (NaN = not applicable).
+
+    A_k is R_k minus its group mean over the group's rows where R_k applies, divided by
+    max(std of those centred values over the whole batch, ``std_floor``); a component that does
+    not apply to a row adds 0 to it. Because the scale of A_k does not depend on w_k, raising w_k
+    raises the share of the update that component k's rows get, unlike group-normalising
+    sum_k w_k R_k, where a weight cancels in any group in which only its component varies.
+    """
+    rewards = rewards_per_func.to(torch.float32)
+    rows, components = rewards.shape
+    if rows % num_generations:
+        raise ValueError(f"{rows} completions do not split into groups of {num_generations}")
+    applies = ~torch.isnan(rewards)
+    grouped = torch.where(applies, rewards, 0.0).view(-1, num_generations, components)
+    counts = applies.view(-1, num_generations, components).sum(dim=1, keepdim=True)
+    means = grouped.sum(dim=1, keepdim=True) / counts.clamp(min=1)
+    centred = torch.where(applies, (grouped - means).view(rows, components), 0.0)
+    # Batch-level scale of each component: the root mean square of its centred values (their mean is 0).
+    scale = (centred.pow(2).sum(dim=0) / applies.sum(dim=0).clamp(min=1)).sqrt().clamp(min=std_floor)
+    return (centred / scale * weights.to(centred.device, torch.float32)).sum(dim=1)
+
+
 class StratifiedGRPOTrainer(GRPOTrainer):
     """TRL's ``GRPOTrainer`` with batches that interleave the capabilities, nothing else.
 
@@ -251,11 +279,23 @@ class StratifiedGRPOTrainer(GRPOTrainer):
 class BalancedGRPOTrainer(StratifiedGRPOTrainer):
     """``GRPOTrainer`` + stratified batches, dynamic reward weights and AOC (see module doc)."""
 
-    def __init__(self, *args, weight_controller: WeightController, aoc_config: dict | None = None, **kwargs):
+    def __init__(self, *args, weight_controller: WeightController, aoc_config: dict | None = None,
+                 advantage_aggregation: str | None = None, advantage_std_floor: float | None = None, **kwargs):
+        from balancedbio.defaults import schema_default, with_defaults
+
         self.weight_controller = weight_controller
-        self.aoc = {"mode": "off", "interval": 1, "tau": 0.1, "lambda": 0.6, "lambda_scaling": "gradient_norm",
-                    "penalty_gradient": "finite_difference", "fd_step": 1e-3,
-                    "eps": 1e-8, "projection": "pcgrad", "gradvac_beta": 0.01, **(aoc_config or {})}
+        self.aoc = with_defaults("aoc", aoc_config)  # the schema holds the defaults (mode: penalty)
+        config = kwargs.get("args")
+        # A BalancedGRPOConfig carries both settings; explicit arguments win, then the schema's defaults.
+        self.advantage_aggregation = (advantage_aggregation or getattr(config, "advantage_aggregation", None)
+                                      or schema_default("grpo", "advantage_aggregation"))
+        self.advantage_std_floor = float(advantage_std_floor or getattr(config, "advantage_std_floor", None)
+                                         or schema_default("grpo", "advantage_std_floor"))
+        if self.advantage_aggregation not in ADVANTAGE_AGGREGATIONS:
+            raise ValueError(f"unknown grpo.advantage_aggregation {self.advantage_aggregation!r}: expected one of "
+                             f"{', '.join(ADVANTAGE_AGGREGATIONS)}")
+        if self.advantage_aggregation != "weighted_components" and config is not None:
+            config.multi_objective_aggregation = self.advantage_aggregation  # TRL computes these two itself
         super().__init__(*args, **kwargs)
         names = [getattr(f, "name", getattr(f, "__name__", str(f))) for f in self.reward_funcs]
         if names != weight_controller.names:
@@ -279,11 +319,12 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
             if self.aoc["mode"] == "project" else None
         self._step_record: dict[str, Any] = {}
 
-    # -- dynamic weights ---------------------------------------------------------------------
+    # -- dynamic weights and advantages --------------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         from accelerate.utils import gather_object
 
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._last_rewards_per_func = rewards_per_func  # gathered: every process's rows, in process order
         if not self.model.training:
             return rewards_per_func
         rates = []
@@ -300,12 +341,36 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
             record[f"success_{name}"] = s
             record[f"weight_{name}"] = w
             record[f"error_{name}"] = e
-        self._last_rewards_per_func = rewards_per_func
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
         device = output["completion_ids"].device
+        rows = output["completion_ids"].shape[0]
+        num_generations = self.num_generations if self.model.training else self.num_generations_eval
+        rewards_per_func = self._last_rewards_per_func
+        if self.advantage_aggregation == "weighted_components":
+            advantages = weighted_component_advantages(rewards_per_func, self.reward_weights, num_generations,
+                                                       self.advantage_std_floor)
+        else:  # TRL's own (sum_then_normalize / normalize_then_sum), already in output["advantages"]
+            advantages = None
+        # TRL gathers the rewards of all processes, then keeps this process's contiguous slice.
+        offset = self.accelerator.process_index * rows
+        if advantages is not None:
+            output["advantages"] = advantages[offset:offset + rows].to(device=device, dtype=output["advantages"].dtype)
+        if self.model.training and "instruction" in self.weight_controller.names:
+            # Share of sum |A| on the instruction rows: how much of this batch's policy-gradient signal
+            # goes to instruction following, over all processes' rows (eq. 11's advantages are computed
+            # for all of them already; TRL's are gathered, on every rank alike).
+            instruction = ~torch.isnan(rewards_per_func[:, self.weight_controller.names.index("instruction")])
+            if advantages is None:
+                from accelerate.utils import gather
+
+                advantages = gather(output["advantages"].reshape(rows, -1).abs().sum(dim=1))
+            magnitude = advantages.abs().reshape(advantages.shape[0], -1).sum(dim=1).to(instruction.device)
+            total = float(magnitude.sum())
+            self._step_record["update_share_instruction"] = float(magnitude[instruction].sum()) / total \
+                if total > 0 else None
         output["is_medical"] = torch.tensor([row.get("capability") == "medical" for row in inputs],
                                             dtype=torch.bool, device=device)
         return output
@@ -654,33 +719,34 @@ def build_prompt_dataset(mcq_path: str, prompts_path: str, *, max_prompts: int |
     return Dataset.from_list(medical + instruction)
 
 
-def grpo_config(settings: dict, output_dir: str, world_size: int = 1, deepspeed: str | None = None) -> GRPOConfig:
+def grpo_config(settings: dict, output_dir: str, world_size: int = 1, deepspeed: str | None = None):
+    """The ``BalancedGRPOConfig`` of one variant's settings (``balancedbio.variants.variant_settings``)."""
+    from balancedbio.training_args import GRPO_EXTRA_KEYS, PREFIXED_SECTIONS, BalancedGRPOConfig
+
     grpo, training = settings["grpo"], settings["training"]
-    group = grpo["num_generations"]
-    return GRPOConfig(
+    same_name = {key: grpo[key] for key in ("num_generations", "max_completion_length", "temperature", "beta",
+                                            "epsilon", "loss_type", "scale_rewards", "max_steps", "save_steps",
+                                            "use_vllm")}
+    ours = {f"{section}_{key}": value for section in PREFIXED_SECTIONS for key, value in settings[section].items()}
+    ours.update({key: grpo[key] for key in GRPO_EXTRA_KEYS if key in grpo})
+    return BalancedGRPOConfig(
         output_dir=output_dir,
-        per_device_train_batch_size=grpo["prompts_per_step"] * group,
+        **same_name,
+        **ours,
+        variant=settings["variant"],
+        use_prm=settings["use_prm"],
+        advantage_estimator=settings["advantage"],
         gradient_accumulation_steps=1,
-        num_generations=group,
-        max_completion_length=grpo["max_completion_length"],
-        temperature=grpo["temperature"],
-        beta=grpo["beta"],
-        epsilon=grpo["epsilon"],
-        loss_type=grpo["loss_type"],
-        scale_rewards=grpo["scale_rewards"],
         learning_rate=grpo.get("learning_rate") or training["learning_rate"],
         lr_scheduler_type=training["lr_scheduler_type"],
         warmup_steps=training["warmup_ratio"],  # transformers 5: a float < 1 is a ratio
-        max_steps=grpo["max_steps"],
         logging_steps=1,
         save_strategy="steps",
-        save_steps=grpo["save_steps"],
         save_total_limit=2,
         bf16=training["bf16"],
         gradient_checkpointing=training["gradient_checkpointing"],
         seed=settings["seed"],
-        report_to=[],
-        use_vllm=grpo["use_vllm"],
+        report_to=list(settings.get("report_to") or []),  # the run's logging.report_to (variant_settings)
         vllm_mode="colocate",
         deepspeed=deepspeed if world_size > 1 else None,
         log_completions=False,
@@ -710,80 +776,96 @@ def save_merged(trainer, tokenizer, out_dir: str, extra_files: dict[str, Any] | 
             (Path(tmp) / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
-def build_trainer(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: str | None, settings: dict,
-                  output_dir: str, world_size: int = 1, deepspeed: str | None = None, callbacks: Sequence = (),
+def build_trainer(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: str | None, output_dir: str,
+                  settings: dict | None = None, args=None, peft_config=None, trust_remote_code: bool = False,
+                  world_size: int = 1, deepspeed: str | None = None, callbacks: Sequence = (),
                   vanilla: bool = False, generation_kwargs: dict | None = None):
-    """The trainer of one variant (or, with ``vanilla``, TRL's GRPOTrainer on the same setup and batches)."""
+    """The trainer of one variant (or, with ``vanilla``, TRL's GRPOTrainer on the same setup and batches).
+
+    Either ``settings`` (a variant's settings dict, as the Snakemake rule passes them) or ``args``
+    (a ``BalancedGRPOConfig``, as a recipe gives it, with ``peft_config`` and ``trust_remote_code``).
+    """
     from balancedbio.models import load_causal_lm, load_tokenizer, training_dtype
     from balancedbio.rewards import build_reward_functions
 
-    dataset = build_prompt_dataset(mcq_path, prompts_path, max_prompts=settings["grpo"]["max_prompts"],
-                                   seed=settings["seed"])
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=settings["trust_remote_code"])
-    training = settings["training"]
-    model = load_causal_lm(model_dir, dtype=training_dtype(training["bf16"], training["use_lora"],
-                                                           settings["aoc"]["mode"]),
-                           trust_remote_code=settings["trust_remote_code"])
-    reward_funcs = build_reward_functions(settings["rewards"], prm_dir if settings["use_prm"] else None)
-    args = grpo_config(settings, output_dir, world_size, deepspeed)
+    if settings is not None:
+        args = grpo_config(settings, output_dir, world_size, deepspeed)
+        peft_config = lora_config(settings["training"]) if settings["training"]["use_lora"] else None
+        trust_remote_code = settings["trust_remote_code"]
+    elif args is None:
+        raise ValueError("build_trainer needs settings or args")
+    dataset = build_prompt_dataset(mcq_path, prompts_path, max_prompts=args.max_prompts, seed=args.seed)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(model_dir, dtype=training_dtype(args.bf16, peft_config is not None, args.aoc_mode),
+                           trust_remote_code=trust_remote_code)
+    reward_funcs = build_reward_functions(args.section("rewards"), prm_dir if args.use_prm else None)
     if generation_kwargs:
         args.generation_kwargs = {**(args.generation_kwargs or {}), **generation_kwargs}
     kwargs = dict(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
-                  processing_class=tokenizer,
-                  peft_config=lora_config(settings["training"]) if settings["training"]["use_lora"] else None,
-                  callbacks=list(callbacks))
+                  processing_class=tokenizer, peft_config=peft_config, callbacks=list(callbacks))
     if vanilla:  # TRL's own step, sampling from the policy as TRL does
         return StratifiedGRPOTrainer(**kwargs), tokenizer
-    kwargs["rollout_weights"] = settings["grpo"]["rollout_weights"]
-    kwargs.update(weight_controller=build_weight_controller(settings["weights"], [f.name for f in reward_funcs]),
-                  aoc_config=settings["aoc"])
-    if settings["advantage"] == "critic":
-        return CriticAdvantageTrainer(**kwargs, critic_model_dir=model_dir, ppo_config=settings["ppo"]), tokenizer
+    kwargs["rollout_weights"] = args.rollout_weights
+    kwargs.update(weight_controller=build_weight_controller(args.section("weights"), [f.name for f in reward_funcs]),
+                  aoc_config=args.section("aoc"))
+    if args.advantage_estimator == "critic":
+        return CriticAdvantageTrainer(**kwargs, critic_model_dir=model_dir, ppo_config=args.section("ppo")), tokenizer
     return BalancedGRPOTrainer(**kwargs), tokenizer
 
 
 def run_grpo(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: str | None, out_dir: str,
-             dynamics_path: str, checkpoint_dir: str, settings: dict, callbacks: Sequence = ()) -> dict:
-    """Train one variant; resumes from the newest checkpoint in ``checkpoint_dir``."""
+             dynamics_path: str, checkpoint_dir: str, settings: dict | None = None, args=None, peft_config=None,
+             trust_remote_code: bool = False, callbacks: Sequence = ()) -> dict:
+    """Train one variant; resumes from the newest checkpoint in ``checkpoint_dir``.
+
+    ``settings`` (the Snakemake rule's) or ``args`` + ``peft_config`` (a recipe's), as in ``build_trainer``.
+    """
     from transformers import set_seed
 
     from balancedbio.checkpoints import CompletionMarker, last_complete_checkpoint, training_fingerprint
 
-    set_seed(settings["seed"])
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    deepspeed = settings["training"].get("deepspeed_config")
     checkpoint_root = Path(checkpoint_dir)
+    if settings is not None:
+        args = grpo_config(settings, str(checkpoint_root), world_size, settings["training"].get("deepspeed_config"))
+        peft_config = lora_config(settings["training"]) if settings["training"]["use_lora"] else None
+        trust_remote_code = settings["trust_remote_code"]
+    elif args is None:
+        raise ValueError("run_grpo needs settings or args")
+    else:
+        args.output_dir = str(checkpoint_root)  # checkpoints and resume live there
+    set_seed(args.seed)
     checkpoint_root.mkdir(parents=True, exist_ok=True)
     live_dynamics = checkpoint_root / "dynamics.jsonl"
     # Resume only a checkpoint of this very run (same settings and inputs); claims the folder.
-    fingerprint = training_fingerprint(settings, {"model": model_dir, "mcq": mcq_path, "prompts": prompts_path,
+    fingerprint = training_fingerprint(settings if settings is not None else args.to_dict(), {"model": model_dir, "mcq": mcq_path, "prompts": prompts_path,
                                                   "prm": prm_dir})
     last = last_complete_checkpoint(checkpoint_root, fingerprint)
     if last:
         step = int(Path(last).name.split("-")[-1])
-        log.info("resuming %s from %s (step %d)", settings["variant"], last, step)
+        log.info("resuming %s from %s (step %d)", args.variant, last, step)
         truncate_dynamics(live_dynamics, step)
     else:
         live_dynamics.unlink(missing_ok=True)
 
     trainer_ref: list = []
     trainer, tokenizer = build_trainer(
-        model_dir=model_dir, mcq_path=mcq_path, prompts_path=prompts_path, prm_dir=prm_dir, settings=settings,
-        output_dir=str(checkpoint_root), world_size=world_size, deepspeed=deepspeed,
+        model_dir=model_dir, mcq_path=mcq_path, prompts_path=prompts_path, prm_dir=prm_dir, args=args,
+        peft_config=peft_config, trust_remote_code=trust_remote_code, output_dir=str(checkpoint_root),
         callbacks=[DynamicsWriter(live_dynamics, trainer_ref), CompletionMarker(fingerprint), *callbacks])
     controller, reward_funcs, dataset = trainer.weight_controller, trainer.reward_funcs, trainer.train_dataset
     trainer_ref.append(trainer)
-    log.info("GRPO %s: %d prompts (%d medical), G=%d, %d prompts/step, %d steps, weights=%s, aoc=%s",
-             settings["variant"], len(dataset), sum(c == "medical" for c in dataset["capability"]),
-             settings["grpo"]["num_generations"], settings["grpo"]["prompts_per_step"],
-             settings["grpo"]["max_steps"], settings["weights"]["mode"], settings["aoc"]["mode"])
+    log.info("GRPO %s: %d prompts (%d medical), G=%d, %d prompts/step, %d steps, weights=%s, aoc=%s, "
+             "advantages=%s", args.variant, len(dataset), sum(c == "medical" for c in dataset["capability"]),
+             args.num_generations, args.prompts_per_step, args.max_steps, args.weights_mode, args.aoc_mode,
+             args.advantage_aggregation)
     result = trainer.train(resume_from_checkpoint=last)
-    summary = {"variant": settings["variant"], "global_step": trainer.state.global_step,
+    summary = {"variant": args.variant, "global_step": trainer.state.global_step,
                "train_runtime_s": result.metrics.get("train_runtime"), "resumed_from": last,
                "final_weights": dict(zip(controller.names, controller.weights)),
                "final_success": dict(zip(controller.names, controller.success)),
                "reward_stats": {f.name: dict(getattr(f, "stats", {})) for f in reward_funcs},
-               "settings": settings}
+               "settings": settings if settings is not None else _recipe_settings(args)}
     if trainer.accelerator.is_main_process:
         save_merged(trainer, tokenizer, out_dir, {"balancedbio_training.json": summary})
         from balancedbio.io import atomic_file
@@ -792,6 +874,14 @@ def run_grpo(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: str |
             handle.write(live_dynamics.read_text(encoding="utf-8"))
         shutil.rmtree(checkpoint_root, ignore_errors=True)
     return summary
+
+
+def _recipe_settings(args) -> dict:
+    """What a recipe run trained with, in the sections of the workflow config (for the model's summary)."""
+    from balancedbio.training_args import PREFIXED_SECTIONS
+
+    return {"variant": args.variant, "use_prm": args.use_prm, "advantage": args.advantage_estimator,
+            "seed": args.seed, **{section: args.section(section) for section in (*PREFIXED_SECTIONS, "grpo")}}
 
 
 def read_dynamics(path: str | os.PathLike) -> list[dict]:

@@ -3,7 +3,12 @@
 
 import json
 
-from balancedbio.variants import ABLATION_VARIANTS, GROUP_SIZES, VARIANT_PATTERN, variant_settings
+from balancedbio.variants import (
+    ABLATION_VARIANTS,
+    GROUP_SIZES,
+    VARIANT_PATTERN,
+    variant_settings,
+)
 
 
 wildcard_constraints:
