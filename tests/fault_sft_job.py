@@ -62,7 +62,8 @@ def main() -> None:
                              "gradient_checkpointing": False, "use_lora": False, "deepspeed_config": None},
                 "sft": {"max_examples": None, "batch_size": 2, "gradient_accumulation_steps": 1,
                         "learning_rate": learning_rate, "epochs": 10, "max_steps": 6, "logging_steps": 1,
-                        "save_steps": 1}}
+                        "save_steps": 1, "val_examples": 0, "mixed_precision": "fp32"},
+                "logging": {"report_to": []}}
     run_sft(model_dir=str(workdir / "model"), sft_path=str(workdir / "sft.jsonl"), out_dir=str(workdir / "out"),
             metrics_path=str(workdir / "metrics.json"), loss_plot=str(workdir / "loss.png"),
             checkpoint_dir=str(workdir / "checkpoints"), settings=settings, callbacks=[Slow(seconds)])
