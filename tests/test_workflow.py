@@ -138,8 +138,8 @@ def test_slurm_profile_gives_training_8_gpus_on_the_gpu_partition(tmp_path):
 
 
 # Rule files formatted on this branch; data.smk, prm.smk and report.smk join when their owners format them.
-FORMATTED = ["workflow/Snakefile", "workflow/rules/common.smk", "workflow/rules/model.smk", "workflow/rules/sft.smk",
-             "workflow/rules/grpo.smk", "workflow/rules/eval.smk"]
+# The Snakefile and every rule file.
+FORMATTED = ["workflow/"]
 
 
 def test_rule_files_are_snakefmt_clean():

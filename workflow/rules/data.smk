@@ -5,20 +5,21 @@
 # Train questions are split by disease family into PRM / SFT / GRPO uses (kg.use_fractions):
 # steps.jsonl trains the PRM, sft.jsonl SFT, and clean/mcq_train.jsonl holds the GRPO prompts only.
 
+
 rule build_kg:
     output:
         "results/data/kg/graph.json.gz",
-    params:
-        code=code_digest("data/kg.py"),
     log:
         "logs/build_kg.log",
     benchmark:
         "benchmarks/build_kg.tsv"
+    conda:
+        "../envs/balancedbio.yaml"
     threads: 1
     resources:
         **rule_resources("build_kg"),
-    conda:
-        "../envs/balancedbio.yaml"
+    params:
+        code=code_digest("data/kg.py"),
     script:
         "../scripts/build_kg.py"
 
@@ -33,20 +34,20 @@ rule kg_synth:
         steps="results/data/kg/steps.jsonl",
         sft="results/data/sft.jsonl",
         stats=report("results/data/kg/stats.json", caption="../report/kg_synth.rst", category="Data"),
+    log:
+        "logs/kg_synth.log",
+    benchmark:
+        "benchmarks/kg_synth.tsv"
+    conda:
+        "../envs/balancedbio.yaml"
+    threads: 1
+    resources:
+        **rule_resources("kg_synth"),
     params:
         kg=config["kg"],
         sft=config["sft_data"],
         seed=config["seed"],
         code=code_digest("data", "ifeval.py", "nltk_data.py"),
-    log:
-        "logs/kg_synth.log",
-    benchmark:
-        "benchmarks/kg_synth.tsv"
-    threads: 1
-    resources:
-        **rule_resources("kg_synth"),
-    conda:
-        "../envs/balancedbio.yaml"
     script:
         "../scripts/kg_synth.py"
 
@@ -57,20 +58,20 @@ rule instruct_prompts:
         mcq_train=rules.kg_synth.output.mcq_train,
     output:
         "results/data/instruct/prompts.jsonl",
+    log:
+        "logs/instruct_prompts.log",
+    benchmark:
+        "benchmarks/instruct_prompts.tsv"
+    conda:
+        "../envs/balancedbio.yaml"
+    threads: 1
+    resources:
+        **rule_resources("instruct_prompts"),
     params:
         instruct=config["instruct"],
         seed=config["seed"],
         benchmarks_dir=config["benchmarks_dir"],
         code=code_digest("data/instruct.py", "data/pipeline.py", "ifeval.py"),
-    log:
-        "logs/instruct_prompts.log",
-    benchmark:
-        "benchmarks/instruct_prompts.tsv"
-    threads: 1
-    resources:
-        **rule_resources("instruct_prompts"),
-    conda:
-        "../envs/balancedbio.yaml"
     script:
         "../scripts/instruct_prompts.py"
 
@@ -79,18 +80,18 @@ rule ingest:
     output:
         rows="results/data/external/{dataset}.jsonl",
         status="results/data/external/{dataset}.status.json",
-    params:
-        spec=lambda wildcards: ingest_spec(wildcards.dataset),
-        code=code_digest("data/ingest.py"),
     log:
         "logs/ingest/{dataset}.log",
     benchmark:
         "benchmarks/ingest/{dataset}.tsv"
+    conda:
+        "../envs/balancedbio.yaml"
     threads: 1
     resources:
         **rule_resources("ingest"),
-    conda:
-        "../envs/balancedbio.yaml"
+    params:
+        spec=lambda wildcards: ingest_spec(wildcards.dataset),
+        code=code_digest("data/ingest.py"),
     script:
         "../scripts/ingest.py"
 
@@ -112,8 +113,16 @@ rule decontaminate:
         steps="results/data/clean/steps.jsonl",
         sft="results/data/clean/sft.jsonl",
         prompts="results/data/clean/prompts.jsonl",
-        report=report("results/data/decontamination.json", caption="../report/decontamination.rst",
-                      category="Data"),
+        report=report("results/data/decontamination.json", caption="../report/decontamination.rst", category="Data"),
+    log:
+        "logs/decontaminate.log",
+    benchmark:
+        "benchmarks/decontaminate.tsv"
+    conda:
+        "../envs/balancedbio.yaml"
+    threads: 1
+    resources:
+        **rule_resources("decontaminate"),
     params:
         benchmarks_dir=config["benchmarks_dir"],
         benchmarks=config["decontamination"]["benchmarks"],
@@ -121,14 +130,5 @@ rule decontaminate:
         threshold=config["decontamination"]["threshold"],
         external=[(d["name"], d["schema"]) for d in config["ingest"]],
         code=code_digest("data/decontam.py", "data/pipeline.py"),
-    log:
-        "logs/decontaminate.log",
-    benchmark:
-        "benchmarks/decontaminate.tsv"
-    threads: 1
-    resources:
-        **rule_resources("decontaminate"),
-    conda:
-        "../envs/balancedbio.yaml"
     script:
         "../scripts/decontaminate.py"

@@ -67,6 +67,15 @@ rule heldout_rewards:
     output:
         result="results/eval/{model}/heldout_rewards.json",
         item_rewards="results/eval/{model}/heldout_rewards.items.jsonl",
+    log:
+        "logs/heldout_rewards/{model}.log",
+    benchmark:
+        "benchmarks/heldout_rewards/{model}.tsv"
+    conda:
+        "../envs/balancedbio.yaml"
+    threads: rule_resources("evaluate")["cpus_per_task"]
+    resources:
+        **rule_resources("evaluate"),
     params:
         settings=heldout_settings(config),
         instruct=config["instruct"],
@@ -75,14 +84,5 @@ rule heldout_rewards:
         benchmarks_dir=config["benchmarks_dir"],
         trust_remote_code=config["model"]["trust_remote_code"],
         code=code_digest("heldout.py", "rewards.py", "answers.py", "ifeval.py", "data/instruct.py", "models.py"),
-    log:
-        "logs/heldout_rewards/{model}.log",
-    benchmark:
-        "benchmarks/heldout_rewards/{model}.tsv"
-    threads: rule_resources("evaluate")["cpus_per_task"]
-    resources:
-        **rule_resources("evaluate"),
-    conda:
-        "../envs/balancedbio.yaml"
     script:
         "../scripts/heldout_rewards.py"

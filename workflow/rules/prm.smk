@@ -10,20 +10,20 @@ rule train_prm:
         model=directory("results/models/prm"),
         metrics=report("results/prm/metrics.json", caption="../report/prm.rst", category="PRM"),
         confusion=report("results/prm/confusion_matrix.png", caption="../report/prm.rst", category="PRM"),
+    log:
+        "logs/train_prm.log",
+    benchmark:
+        "benchmarks/train_prm.tsv"
+    conda:
+        "../envs/balancedbio.yaml"
+    threads: rule_resources("train_prm")["cpus_per_task"]
+    resources:
+        **rule_resources("train_prm"),
     params:
         prm=config["prm"],
         logging=config["logging"],
         seed=config["seed"],
         checkpoints="results/prm/checkpoints",
         code=code_digest("prm.py", "answers.py", "data/reasoning.py", "checkpoints.py"),
-    log:
-        "logs/train_prm.log",
-    benchmark:
-        "benchmarks/train_prm.tsv"
-    threads: rule_resources("train_prm")["cpus_per_task"]
-    resources:
-        **rule_resources("train_prm"),
-    conda:
-        "../envs/balancedbio.yaml"
     script:
         "../scripts/train_prm.py"
