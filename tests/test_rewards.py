@@ -210,3 +210,27 @@ def test_rewards_never_raise_on_junk(text):
     reas = ReasoningReward(FakeScorer())(prompts=["q"], completions=[text], question=[QUESTION])
     assert reas[0] is not None and 0.0 <= reas[0] <= 1.0 + 0.001 * 200
     assert isinstance(split_steps(text), list)
+
+
+def test_placeholder_count_is_ifevals_own_on_any_text_and_linear_on_unclosed_brackets():
+    """The linear placeholder checker agrees with lm-eval's regex checker on random text of
+    brackets, letters and line breaks, and counts a real response's placeholders."""
+    import random
+
+    from lm_eval.tasks.ifeval import instructions
+
+    from balancedbio.ifeval import follows, instruction_registry
+
+    linear = instruction_registry()["detectable_content:number_placeholders"]
+    assert linear is not instructions.PlaceholderChecker
+    rng = random.Random(0)
+    for _ in range(2000):
+        text = "".join(rng.choice("[]a\n ") for _ in range(rng.randint(0, 30)))
+        wanted = rng.randint(0, 4)
+        ours, theirs = linear("p"), instructions.PlaceholderChecker("p")
+        ours.build_description(num_placeholders=wanted)
+        theirs.build_description(num_placeholders=wanted)
+        assert ours.check_following(text) == theirs.check_following(text), (text, wanted)
+    kwargs = [{"num_placeholders": 2}]
+    assert follows("p", ["detectable_content:number_placeholders"], kwargs, "Dear [name], at [address].") == [True]
+    assert follows("p", ["detectable_content:number_placeholders"], kwargs, '{"a": [' * 50_000) == [False]

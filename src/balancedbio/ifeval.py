@@ -16,8 +16,26 @@ from balancedbio.nltk_data import ensure_punkt_tab
 @functools.lru_cache(maxsize=1)
 def _ifeval():
     ensure_punkt_tab()
-    from lm_eval.tasks.ifeval import instructions_registry, utils
+    from lm_eval.tasks.ifeval import instructions, instructions_registry, utils
 
+    class LinearPlaceholderChecker(instructions.PlaceholderChecker):
+        """IFEval's placeholder count (``len(re.findall(r"\\[.*?\\]", value))``) in linear time:
+        that regex retries every unclosed "[" to the end of its line, quadratic on hostile text."""
+
+        def check_following(self, value):
+            count = 0
+            for line in value.split("\n"):  # "." in the regex does not cross a line break
+                start = line.find("[")
+                while start >= 0:
+                    end = line.find("]", start + 1)
+                    if end < 0:  # no later "[" on this line can close either
+                        break
+                    count += 1
+                    start = line.find("[", end + 1)
+            return count >= self._num_placeholders
+
+    # Registered in lm-eval's own table, so the IFEval benchmark and the reward both use it.
+    instructions_registry.INSTRUCTION_DICT["detectable_content:number_placeholders"] = LinearPlaceholderChecker
     return instructions_registry, utils
 
 
