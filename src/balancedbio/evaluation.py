@@ -112,8 +112,8 @@ def check_local_file(path: str, kind: str) -> list[dict]:
     return rows
 
 
-def _count_local_docs(task: str, test_file: str) -> int:
-    rows = check_local_file(test_file, "ifeval" if task == "bb_ifeval" else "mcq")
+def _count_local_docs(task: str, rows: list[dict]) -> int:
+    """How many of a local test file's rows (already checked) belong to ``task``."""
     if task.startswith("bb_mmlu_med_"):
         subject = task[len("bb_mmlu_med_"):]
         rows = [r for r in rows if r.get("subject") == subject]
@@ -265,8 +265,8 @@ def evaluate_benchmark(*, model_dir: str, model_name: str, benchmark_name: str, 
         return result
 
     if source["kind"] == "local":  # a bad file fails here, naming its line, not deep inside lm-eval
-        for path in filter(None, (source["test"], source.get("dev"))):
-            check_local_file(path, benchmark.kind)
+        local_rows = {path: check_local_file(path, benchmark.kind)
+                      for path in filter(None, (source["test"], source.get("dev")))}
 
     import lm_eval
 
@@ -282,7 +282,7 @@ def evaluate_benchmark(*, model_dir: str, model_name: str, benchmark_name: str, 
     if source["kind"] == "local" and limit is not None:
         samples = {}
         for task in benchmark.tasks:
-            indices = subset_indices(_count_local_docs(task, source["test"]), limit, seed)
+            indices = subset_indices(_count_local_docs(task, local_rows[source["test"]]), limit, seed)
             if indices is not None:
                 samples[task] = indices
         samples = samples or None
