@@ -100,7 +100,7 @@ def test_killed_grpo_resumes_from_its_last_checkpoint(smoke_workdir, smoke_confi
 
 def test_smoke_run_evaluates_each_model_on_each_benchmark(smoke_workdir):
     for model in ("base", "grpo_full"):
-        for benchmark in ("mmlu_med", "ifeval", "kg_mcq"):
+        for benchmark in ("mmlu_med", "ifeval", "ifbench", "kg_mcq"):
             result = json.loads((smoke_workdir / "results" / "eval" / model / f"{benchmark}.json").read_text())
             assert result["status"] in {"ok", "skipped"}
             if result["status"] == "ok":
