@@ -33,6 +33,13 @@ COMPONENTS = ("accuracy", "instruction")
 
 # ----- power of paired comparisons ------------------------------------------------------------
 
+def detection_factor(alpha: float = 0.05, power: float = 0.8) -> float:
+    """z_{1-alpha/2} + z_{power}: the minimum detectable effect of an estimate in units of its
+    standard error (two-sided test at level ``alpha``, detection probability ``power``)."""
+    z = NormalDist().inv_cdf
+    return z(1 - alpha / 2) + z(power)
+
+
 def minimum_detectable_effect(n: int, p_discordant: float, alpha: float = 0.05, power: float = 0.8) -> float:
     """Smallest paired difference in accuracy that ``n`` items detect (two-sided McNemar, normal approx.).
 
@@ -46,16 +53,14 @@ def minimum_detectable_effect(n: int, p_discordant: float, alpha: float = 0.05, 
         raise ValueError(f"minimum_detectable_effect: n must be positive, got {n}")
     if not 0 <= p_discordant <= 1:
         raise ValueError(f"minimum_detectable_effect: p_discordant must be in [0, 1], got {p_discordant}")
-    z = NormalDist().inv_cdf
-    return (z(1 - alpha / 2) + z(power)) * math.sqrt(p_discordant / n)
+    return detection_factor(alpha, power) * math.sqrt(p_discordant / n)
 
 
 def required_sample_size(effect: float, p_discordant: float, alpha: float = 0.05, power: float = 0.8) -> int:
     """Items needed for ``minimum_detectable_effect`` to reach ``effect`` (the inverse, rounded up)."""
     if effect <= 0:
         raise ValueError(f"required_sample_size: effect must be positive, got {effect}")
-    z = NormalDist().inv_cdf
-    return math.ceil(p_discordant * ((z(1 - alpha / 2) + z(power)) / effect) ** 2)
+    return math.ceil(p_discordant * (detection_factor(alpha, power) / effect) ** 2)
 
 
 def discordant_rate(first: dict[str, bool], second: dict[str, bool]) -> tuple[float, int]:

@@ -208,9 +208,9 @@ def pooled(scores: dict[str, float]) -> float | None:
 def minimum_detectable_effect(standard_error: float, confidence: float = CONFIDENCE, power: float = POWER) -> float:
     """(z_{1-alpha/2} + z_power) * SE: the smallest true difference a two-sided test at level
     1 - confidence detects with the given power, for an estimate with this standard error."""
-    from scipy.stats import norm
+    from balancedbio.heldout import detection_factor
 
-    return float((norm.ppf(1 - (1 - confidence) / 2) + norm.ppf(power)) * standard_error)
+    return detection_factor(1 - confidence, power) * standard_error
 
 
 def paired_difference(a: dict[str, float], b: dict[str, float], *, confidence: float = CONFIDENCE,
