@@ -132,23 +132,3 @@ def report_variants():
     """The config's GRPO variants and every evaluated one (their dynamics go into the report)."""
     evaluated = [m[len("grpo_") :] for m in eval_models() if m.startswith("grpo_")]
     return list(dict.fromkeys([*config["grpo"]["variants"], *evaluated]))
-
-
-def _made_by_a_rule(path):
-    """Whether some rule of the workflow writes this file (optional stages)."""
-    return any(rule.is_producer(path) for rule in workflow.rules)
-
-
-HELDOUT_PATTERN = "results/eval/{model}/heldout_rewards.json"
-HELDOUT_ITEMS_PATTERN = "results/eval/{model}/heldout_rewards.items.jsonl"
-
-
-def report_heldout(wildcards):
-    # The held-out reward summaries, once the rule that writes them is part of the workflow.
-    files = expand(HELDOUT_PATTERN, model=eval_models())
-    return files if all(map(_made_by_a_rule, files)) else []
-
-
-def report_heldout_items(wildcards):
-    files = expand(HELDOUT_ITEMS_PATTERN, model=eval_models())
-    return files if all(map(_made_by_a_rule, files)) else []
