@@ -132,6 +132,24 @@ def test_penalty_changes_the_update(tmp_path, how):
     assert abs(float(cos_after)) < abs(record["s_cos"])
 
 
+@pytest.mark.parametrize("mode", ["monitor", "penalty"])
+def test_chunked_capability_passes_give_the_whole_batch_update(tmp_path, mode):
+    """aoc.micro_batch_rows bounds memory only: one row at a time gives the one-pass S_cos and update."""
+    results = []
+    for rows in (None, 1):
+        trainer = make_trainer(tmp_path / str(rows), mode, micro_batch_rows=rows)
+        trainer.model.zero_grad()
+        trainer.orthogonality_step(trainer.model, batch())
+        results.append((trainer.pop_step_record(), _flat(_grads(trainer.model)), len(trainer._capability_parts[0])))
+    (whole, whole_grad, whole_chunks), (chunked, chunked_grad, chunked_chunks) = results
+    assert (whole_chunks, chunked_chunks) == (1, 2)  # two medical rows: one pass vs two
+    assert chunked["s_cos"] == pytest.approx(whole["s_cos"], rel=1e-4, abs=1e-6)
+    assert chunked["l_orth"] == pytest.approx(whole["l_orth"], rel=1e-4, abs=1e-8)
+    assert torch.allclose(chunked_grad, whole_grad, rtol=1e-3, atol=1e-6)
+    if mode == "penalty":
+        assert chunked["aoc_fired"] and chunked["l_orth"] > 0
+
+
 def test_project_applies_pcgrad_to_the_two_gradients(tmp_path):
     trainer = make_trainer(tmp_path, "project", projection="pcgrad")
     inputs = batch()

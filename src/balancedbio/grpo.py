@@ -407,37 +407,88 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
                 scale = self._capability_loss_scale(part, inputs)
                 with (_quiet_loss(self) if quiet else contextlib.nullcontext()), self.compute_loss_context_manager():
                     losses.append(self._compute_loss(model, part) * scale)
-                self._capability_parts.append((part, scale, rng))
+                self._capability_parts.append([(part, scale, rng)])
         finally:
             self._double_backward = False
         return losses[0], losses[1]
 
+    def _chunks(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Row masks of at most ``aoc.micro_batch_rows`` of the selected rows each (the whole selection for null)."""
+        indices = rows.nonzero().flatten()
+        size = self.aoc.get("micro_batch_rows") or max(1, indices.numel())
+        masks = []
+        for chunk in indices.split(size):
+            mask = torch.zeros_like(rows)
+            mask[chunk] = True
+            masks.append(mask)
+        return masks
+
+    def capability_gradients(self, model, inputs: dict, params: list, differentiable: bool = False,
+                             quiet: bool = False) -> tuple[list, list, torch.Tensor]:
+        """g_R and g_I (the gradients of TRL's loss on the medical and on the instruction rows) and the loss.
+
+        Each capability's rows are taken ``aoc.micro_batch_rows`` at a time, and each chunk's graph is
+        freed once its gradient is taken, so memory does not grow with the batch. Every chunk's loss is
+        scaled by its share of the batch (``_capability_loss_scale``), so the chunks' gradients add up
+        to the capability's, and g_R + g_I is the gradient of TRL's loss on the whole batch. A
+        capability absent here gives ``None`` for every parameter. With ``differentiable`` (the exact
+        penalty gradient) the gradients keep their graphs (``create_graph``).
+        """
+        self._capability_parts = []
+        gradients, total = [], torch.zeros((), device=params[0].device)
+        self._double_backward = differentiable
+        try:
+            for rows in (inputs["is_medical"], ~inputs["is_medical"]):
+                if not bool(rows.any()):
+                    self._capability_parts.append(None)
+                    gradients.append([None] * len(params))
+                    continue
+                chunks, summed = [], [None] * len(params)
+                for mask in self._chunks(rows):
+                    part = _select_rows(inputs, mask)
+                    rng = _rng_state()  # LoRA dropout: a probe re-evaluates the chunk with the same masks
+                    scale = self._capability_loss_scale(part, inputs)
+                    with (_quiet_loss(self) if quiet else contextlib.nullcontext()), self.compute_loss_context_manager():
+                        loss = self._compute_loss(model, part) * scale
+                    grads = torch.autograd.grad(loss, params, create_graph=differentiable, allow_unused=True)
+                    summed = [g if s is None else (s if g is None else s + g) for s, g in zip(summed, grads)]
+                    total = total + loss.detach()
+                    chunks.append((part, scale, rng))
+                self._capability_parts.append(chunks)
+                gradients.append(summed)
+        finally:
+            self._double_backward = False
+        return gradients[0], gradients[1], total
+
     def _gradient_at_shift(self, model, params, part_index: int, direction: list, step: float) -> list:
-        """Gradient of one capability's loss at theta + step * direction (same batch, same dropout).
+        """Gradient of one capability's loss at theta + step * direction (same chunks, same dropout).
 
         No autograd graph is alive here, and the weights are restored by copying the saved
         tensors back (exact, unlike adding and subtracting the shift); ``None`` everywhere when
         this rank holds no row of the capability.
         """
-        if self._capability_parts[part_index] is None:
+        chunks = self._capability_parts[part_index]
+        if chunks is None:
             return [None] * len(params)
-        part, scale, rng = self._capability_parts[part_index]
         saved = [p.detach().clone() if d is not None else None for p, d in zip(params, direction)]
+        summed = [None] * len(params)
         try:
             with torch.no_grad():
                 for p, d in zip(params, direction):
                     if d is not None:
                         p.add_(d.to(p.dtype), alpha=step)
-            with _restored_rng(rng), _quiet_loss(self), _fp32_forward(self, model), \
-                    self.compute_loss_context_manager():
-                loss = self._compute_loss(model, part) * scale
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for part, scale, rng in chunks:
+                with _restored_rng(rng), _quiet_loss(self), _fp32_forward(self, model), \
+                        self.compute_loss_context_manager():
+                    loss = self._compute_loss(model, part) * scale
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                summed = [g if s is None else (s if g is None else s + g) for s, g in zip(summed, grads)]
         finally:
             with torch.no_grad():
                 for p, original in zip(params, saved):
                     if original is not None:
                         p.copy_(original)
-        return list(grads)
+        return summed
 
     def _penalty_gradient_fd(self, model, params, grads_r, grads_i, cosine: float, gram: torch.Tensor) -> list:
         """grad of S_cos^2 = 2 S (H_R v_R + H_I v_I), each H v by a forward difference of gradients.
@@ -544,11 +595,8 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
             return loss.detach()
         with _fp32_forward(self, module):
             # Under data parallel a rank may hold one capability only: its other gradient is zero here.
-            loss_r, loss_i = self.capability_losses(module, inputs, differentiable, quiet=distributed)
-            grads_r, grads_i = (
-                [None] * len(params) if loss is None else
-                list(torch.autograd.grad(loss, params, create_graph=differentiable, allow_unused=True))
-                for loss in (loss_r, loss_i))
+            grads_r, grads_i, capability_loss = self.capability_gradients(module, inputs, params, differentiable,
+                                                                           quiet=distributed)
         # A capability whose groups all had zero reward variance has all-zero advantages: its policy
         # gradient is zero up to the KL term's rounding, so the cosine means nothing there.
         signal = torch.tensor([float(bool(advantages[rows].ne(0).any())) for rows in (is_medical, ~is_medical)],
@@ -614,7 +662,7 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
                 continue
             grad = grad.detach().to(param.dtype)
             param.grad = grad.clone() if param.grad is None else param.grad + grad
-        return (loss_r + loss_i).detach() + (penalty if penalty is not None else 0.0)
+        return capability_loss + (penalty if penalty is not None else 0.0)
 
     # -- logging, checkpoints -----------------------------------------------------------------
     def pop_step_record(self) -> dict:
