@@ -10,10 +10,12 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 from balancedbio.report import (RunData, aoc_rows, alignment_tax, build_report, comparison_rows, load_dynamics,
-                                load_heldout, load_results, minimum_detectable_effect, paired_difference)
+                                load_heldout, load_results, minimum_detectable_effect, paired_difference,
+                                steering_findings, steering_rows)
 from conftest import TEST_CONFIG, run_snakemake
 
 Z_SUM = 1.959963984540054 + 0.8416212335729143  # z_0.975 + z_0.80
@@ -240,6 +242,26 @@ def test_aoc_counts_from_a_hand_written_dynamics_file(run_dir):
     assert full["fired_fraction_of_defined"] == pytest.approx(0.5)
     assert (rows["static_weights"]["s_cos_defined"], rows["static_weights"]["fired"]) == (2, 1)  # L_orth fallback
     assert (rows["no_aoc"]["fired"], rows["no_aoc"]["max_abs_s_cos"]) == (0, 0.5)
+
+
+def test_steering_table_checks_bounds_and_the_update_share_against_the_weight_share():
+    # w_inst / sum w = 0.25, 0.5, 0.75 and update shares that track it (r = 1), then a static run.
+    dynamics = {
+        "full": [{"step": i + 1, "weight_accuracy": a, "weight_instruction": b, "update_share_instruction": u}
+                 for i, (a, b, u) in enumerate([(3.0, 1.0, 0.2), (1.0, 1.0, 0.45), (1.0, 3.0, 0.7)])],
+        "static_weights": [{"step": i + 1, "weight_accuracy": 1.0, "weight_instruction": 1.0,
+                            "update_share_instruction": u} for i, u in enumerate([0.4, 0.5, 0.6])],
+        "at_the_clamp": [{"step": 1, "weight_accuracy": 10.0, "weight_instruction": 0.5}],
+    }
+    rows = {r["variant"]: r for r in steering_rows(dynamics, (0.1, 10.0))}
+    full = rows["full"]
+    assert (full["min_weight"], full["max_weight"], full["strictly_inside_bounds"]) == (1.0, 3.0, True)
+    assert full["share_correlation"] == pytest.approx(np.corrcoef([0.25, 0.5, 0.75], [0.2, 0.45, 0.7])[0, 1])
+    assert full["mean_weight_share_instruction"] == pytest.approx(0.5) and full["share_steps"] == 3
+    assert rows["static_weights"]["share_correlation"] is None  # constant weights: r undefined
+    assert rows["at_the_clamp"]["strictly_inside_bounds"] is False  # a weight on max_weight is not inside
+    (line,) = steering_findings([full], (0.1, 10.0))
+    assert "strictly inside [0.1, 10] on all 3 steps" in line and "r = 1.00" in line
 
 
 def test_an_evaluated_result_needs_its_declared_items_file(run_dir):

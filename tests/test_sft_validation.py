@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from balancedbio.io import DataFormatError
-from balancedbio.sft import conversation_pairs, sft_mixed_precision
+from balancedbio.models import bf16_autocast
+from balancedbio.sft import conversation_pairs
 
 
 def _conversations(path, n):
@@ -35,12 +36,12 @@ def test_validation_conversations_are_never_trained_on(tmp_path):
 
 
 def test_mixed_precision_follows_the_setting_and_the_probe(monkeypatch):
-    assert sft_mixed_precision("bf16", False) and not sft_mixed_precision("fp32", False)
-    assert sft_mixed_precision("fp32", True)  # bf16 weights imply it
+    assert bf16_autocast("bf16", "sft.mixed_precision") and not bf16_autocast("fp32", "sft.mixed_precision")
+    assert bf16_autocast("fp32", "sft.mixed_precision", bf16_weights=True)  # bf16 weights imply it
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr("balancedbio.rollout.faster_dtype", lambda: torch.float32)
-    assert not sft_mixed_precision("auto", False)
+    assert not bf16_autocast("auto", "prm.mixed_precision")
     monkeypatch.setattr("balancedbio.rollout.faster_dtype", lambda: torch.bfloat16)
-    assert sft_mixed_precision("auto", False)
-    with pytest.raises(ValueError, match="sft.mixed_precision 'fast'"):
-        sft_mixed_precision("fast", False)
+    assert bf16_autocast("auto", "prm.mixed_precision")
+    with pytest.raises(ValueError, match="prm.mixed_precision 'fast'"):
+        bf16_autocast("fast", "prm.mixed_precision")

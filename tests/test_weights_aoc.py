@@ -299,7 +299,7 @@ def test_stratified_sampler_rejects_a_batch_too_small_to_stratify():
 def test_variants_change_exactly_what_they_name(smoke_config):
     full = variant_settings(smoke_config, "full")
     assert variant_settings(smoke_config, "static_weights")["weights"]["mode"] == "static"
-    assert variant_settings(smoke_config, "no_aoc")["aoc"]["mode"] == "off"
+    assert variant_settings(smoke_config, "no_aoc")["aoc"]["mode"] == "monitor"
     assert variant_settings(smoke_config, "no_prm")["use_prm"] is False
     assert variant_settings(smoke_config, "ppo")["advantage"] == "critic"
     assert variant_settings(smoke_config, "gradvac")["aoc"] == {**full["aoc"], "mode": "project",

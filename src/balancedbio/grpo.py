@@ -946,7 +946,7 @@ def plot_dynamics(dynamics_path: str, figure_path: str, title: str = "") -> None
     rows = read_dynamics(dynamics_path)
     steps = [r["step"] for r in rows]
     names = sorted({k[len("weight_"):] for r in rows for k in r if k.startswith("weight_")})
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
+    fig, axes = plt.subplots(3, 2, figsize=(10, 9), sharex=True)
     panels = [("weight_", "reward weight w_k"), ("success_", "success rate S_k (EMA)"),
               ("reward_", "reward component mean")]
     for ax, (prefix, label) in zip(axes.flat, panels):
@@ -965,7 +965,23 @@ def plot_dynamics(dynamics_path: str, figure_path: str, title: str = "") -> None
     ax.set_ylabel("S_cos (medical vs instruction gradient)")
     ax.set_ylim(-1.05, 1.05)
     ax.grid(alpha=0.3)
-    for ax in axes[1]:
+    ax = axes.flat[4]
+    if "instruction" in names:  # eq. 11: the instruction rows' share of sum |A| follows w_inst / sum w
+        shares = [r.get("weight_instruction") / sum(r[f"weight_{n}"] for n in names)
+                  if all(r.get(f"weight_{n}") is not None for n in names) else float("nan") for r in rows]
+        ax.plot(steps, shares, marker="o", markersize=2, label="w_inst / sum w")
+    ax.plot(steps, [float("nan") if r.get("update_share_instruction") is None else r["update_share_instruction"]
+                    for r in rows], marker="o", markersize=2, label="instruction share of sum |A|")
+    ax.set_ylabel("instruction share")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax = axes.flat[5]
+    ax.plot(steps, [float("nan") if r.get("kl") is None else r["kl"] for r in rows], marker="o", markersize=2,
+            color="tab:brown")
+    ax.set_ylabel("KL to the reference")
+    ax.grid(alpha=0.3)
+    for ax in axes[2]:
         ax.set_xlabel("optimizer step")
     fig.suptitle(title or "GRPO training dynamics")
     save_figure(fig, figure_path)

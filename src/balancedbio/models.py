@@ -151,6 +151,28 @@ def _torch_dtype(name: str):
         raise ModelResolutionError(f"Unknown dtype '{name}'; use float32, bfloat16, float16 or auto.") from None
 
 
+def bf16_autocast(setting: str, key: str, bf16_weights: bool = False) -> bool:
+    """Whether a trainer runs its fp32 weights under bf16 autocast (``sft.mixed_precision``, ``prm.mixed_precision``).
+
+    ``auto``: where this device multiplies bf16 faster (the rollout copy's probe: AVX512-BF16/AMX
+    CPUs, any recent GPU); ``bf16`` always; ``fp32`` never. bf16 weights (``training.bf16``) imply it.
+    ``key`` names the setting in errors.
+    """
+    if bf16_weights or setting == "bf16":
+        return True
+    if setting == "fp32":
+        return False
+    if setting != "auto":
+        raise ValueError(f"{key} {setting!r}: expected auto, bf16 or fp32")
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    from balancedbio.rollout import faster_dtype
+
+    return faster_dtype() == torch.bfloat16
+
+
 def training_dtype(bf16: bool, use_lora: bool, aoc_mode: str = "off") -> str:
     """The dtype to load a policy in for training (``training.bf16`` means bf16 *compute*).
 

@@ -387,7 +387,7 @@ def train_prm(*, steps_path: str, encoder: str, out_dir: str, metrics_path: str,
                               TrainingArguments)
 
     from balancedbio.checkpoints import CompletionMarker, last_complete_checkpoint, training_fingerprint
-    from balancedbio.models import resolve_model
+    from balancedbio.models import bf16_autocast, resolve_model
     from balancedbio.tracking import keep_tensorboard_events
 
     start = time.perf_counter()
@@ -417,6 +417,7 @@ def train_prm(*, steps_path: str, encoder: str, out_dir: str, metrics_path: str,
         {"steps": steps_path, "encoder": resolved.location if resolved.kind != "hub" else None})
 
     torch.manual_seed(seed)
+    autocast = bf16_autocast(prm_config["mixed_precision"], "prm.mixed_precision")
     args = TrainingArguments(
         output_dir=checkpoint_dir,
         per_device_train_batch_size=prm_config["batch_size"],
@@ -432,8 +433,10 @@ def train_prm(*, steps_path: str, encoder: str, out_dir: str, metrics_path: str,
         report_to=list(report_to),
         seed=seed,
         dataloader_num_workers=0,
+        bf16=autocast,  # fp32 weights under bf16 autocast
         use_cpu=not torch.cuda.is_available(),
     )
+    log.info("PRM precision: %s", "fp32 weights, bf16 autocast" if autocast else "fp32")
     trainer = Trainer(model=model, args=args, train_dataset=train_set,
                       data_collator=DataCollatorWithPadding(tokenizer),
                       callbacks=[CompletionMarker(fingerprint), *(callbacks or [])])
@@ -456,6 +459,7 @@ def train_prm(*, steps_path: str, encoder: str, out_dir: str, metrics_path: str,
             "train_questions": len({c["question_id"] for c in train_chains}),
             "train_examples": len(train),
             "epochs": prm_config["epochs"],
+            "mixed_precision": "bf16" if autocast else "fp32",
             "test": evaluate_examples(scorer, test),
             "test_chain_ranking": chain_ranking(scorer, test_chains),
             "test_conclusion": conclusion_check(scorer, test_chains),

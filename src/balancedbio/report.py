@@ -316,6 +316,57 @@ def aoc_rows(dynamics: dict[str, list[dict]]) -> list[dict]:
     return rows
 
 
+def steering_rows(dynamics: dict[str, list[dict]], bounds: tuple[float, float] | None = None) -> list[dict]:
+    """Per variant: whether the weights stayed inside their bounds and the update followed w_inst.
+
+    ``weight_share_instruction`` is w_inst / sum_k w_k at a step; ``update_share_instruction`` the
+    trainer's share of sum |A| on the instruction rows. Under eq. 11 the second follows the first
+    (each A_k has a batch scale that does not depend on w_k); ``share_correlation`` is their Pearson r
+    over the steps (None where either is constant, e.g. static weights).
+    """
+    rows = []
+    for variant, steps in dynamics.items():
+        names = sorted({k[len("weight_"):] for r in steps for k in r if k.startswith("weight_")})
+        weights = [[r.get(f"weight_{n}") for n in names] for r in steps]
+        complete = [w for w in weights if w and all(v is not None for v in w)]
+        lowest = min((min(w) for w in complete), default=None)
+        highest = max((max(w) for w in complete), default=None)
+        pairs = []
+        for r, w in zip(steps, weights):
+            share = r.get("update_share_instruction")
+            if share is None or "instruction" not in names or not w or any(v is None for v in w):
+                continue
+            pairs.append((w[names.index("instruction")] / sum(w), share))
+        correlation = None
+        if len(pairs) >= 3 and np.std([a for a, _ in pairs]) > 1e-9 and np.std([b for _, b in pairs]) > 1e-9:
+            correlation = float(np.corrcoef(np.array(pairs).T)[0, 1])
+        inside = None
+        if bounds is not None and lowest is not None:
+            inside = bool(bounds[0] < lowest and highest < bounds[1])
+        rows.append({"variant": variant, "steps": len(steps), "min_weight": lowest, "max_weight": highest,
+                     "strictly_inside_bounds": inside,
+                     "mean_weight_share_instruction": float(np.mean([a for a, _ in pairs])) if pairs else None,
+                     "mean_update_share_instruction": float(np.mean([b for _, b in pairs])) if pairs else None,
+                     "share_correlation": correlation, "share_steps": len(pairs)})
+    return rows
+
+
+def steering_findings(rows: list[dict], bounds: tuple[float, float] | None) -> list[str]:
+    lines = []
+    for row in rows:
+        if row["variant"] != "full" or row["min_weight"] is None:
+            continue
+        where = ("strictly inside" if row["strictly_inside_bounds"] else "not strictly inside") \
+            + f" [{bounds[0]:g}, {bounds[1]:g}]" if bounds else "in"
+        text = (f"Dynamic weights in grpo_full: {where} on all {row['steps']} steps "
+                f"(lowest {_fmt(row['min_weight'])}, highest {_fmt(row['max_weight'])})")
+        if row["share_correlation"] is not None:
+            text += (f"; the instruction rows' share of sum |A| followed w_inst / sum w with r = "
+                     f"{row['share_correlation']:.2f} over {row['share_steps']} steps")
+        lines.append(text + ".")
+    return lines
+
+
 def ablation_rows(data: RunData) -> list[dict]:
     rows = []
     for variant, steps in data.dynamics.items():
@@ -726,6 +777,10 @@ def build_report(*, out_dir: str, evaluations: Iterable[str], eval_items: Iterab
     comparisons = comparison_rows(data, seed=seed)
     taxes = alignment_tax(data, seed=seed)
     ablations, aoc = ablation_rows(data), aoc_rows(data.dynamics)
+    weights_config = (config or {}).get("weights") or {}
+    bounds = ((weights_config["min_weight"], weights_config["max_weight"])
+              if {"min_weight", "max_weight"} <= set(weights_config) else None)
+    steering = steering_rows(data.dynamics, bounds)
     held = heldout_rows(data)
     skipped_rows = _read_json(skipped) if skipped else [
         {"model": m, "benchmark": b, "reason": r["reason"]} for m in data.models
@@ -770,6 +825,9 @@ def build_report(*, out_dir: str, evaluations: Iterable[str], eval_items: Iterab
               "table2_ablations": _frame(ablations),
               "aoc": _frame(aoc, ["variant", "steps", "s_cos_defined", "fired", "defined_fraction",
                                   "fired_fraction_of_defined", "mean_abs_s_cos", "max_abs_s_cos"]),
+              "steering": _frame(steering, ["variant", "steps", "min_weight", "max_weight", "strictly_inside_bounds",
+                                            "mean_weight_share_instruction", "mean_update_share_instruction",
+                                            "share_correlation", "share_steps"]),
               "table3_small_model": _frame(table3, TIDY_COLUMNS),
               "prm": _frame(prm_rows, TIDY_COLUMNS),
               "sft": _frame(sft_rows, ["metric", "value"]),
@@ -780,7 +838,7 @@ def build_report(*, out_dir: str, evaluations: Iterable[str], eval_items: Iterab
             frame.to_csv(handle, index=False)
     tau = ((config or {}).get("aoc") or {}).get("tau")
     figures = make_figures(data, comparisons, fig_dir, tau=tau)
-    findings = conclusions(data, comparisons, aoc)
+    findings = conclusions(data, comparisons, aoc) + steering_findings(steering, bounds)
 
     accuracy = {c.key: c.accuracy for c in CAPABILITIES}
     pct_columns = {"biomed", "kg_mcq", "ifeval", "ifbench"}
@@ -823,6 +881,17 @@ def build_report(*, out_dir: str, evaluations: Iterable[str], eval_items: Iterab
                       for r in aoc]),
               note="Fired: the step's aoc_fired flag (L_orth > 0 in dynamics files without it)."
                    + (f" Threshold tau = {tau:g}." if tau is not None else "")),
+        Table("Dynamic weights: bounds and the instruction share of the update",
+              _frame([{"variant": r["variant"], "weights min / max": f"{_fmt(r['min_weight'])} / {_fmt(r['max_weight'])}",
+                       "strictly inside bounds": _fmt(r["strictly_inside_bounds"]),
+                       "mean w_inst / sum w": _fmt(r["mean_weight_share_instruction"]),
+                       "mean instruction share of sum |A|": _fmt(r["mean_update_share_instruction"]),
+                       "r (share vs w_inst / sum w)": _fmt(r["share_correlation"]),
+                       "steps": r["share_steps"]} for r in steering]),
+              note=(f"Bounds [{bounds[0]:g}, {bounds[1]:g}] (weights.min_weight, max_weight). " if bounds else "")
+                   + "r: Pearson correlation over the steps of the instruction rows' share of sum |A| with "
+                     "w_inst / sum_k w_k; under eq. 11 the first follows the second. Undefined (–) for "
+                     "constant weights."),
         Table("Table 3: base vs BalancedBio",
               _frame([{"model": r["model"], "benchmark": r["benchmark"], "metric": r["metric"],
                        "value %": _fmt(r["value"], True), "n": r["n"]} for r in table3])),

@@ -59,28 +59,6 @@ def conversation_pairs(sft_path: str, *, max_examples: int | None = None, seed: 
     return pairs, validation
 
 
-def sft_mixed_precision(setting: str, training_bf16: bool) -> bool:
-    """Whether SFT runs its fp32 weights under bf16 autocast.
-
-    ``auto``: where this device multiplies bf16 faster (the rollout copy's probe: AVX512-BF16/AMX
-    CPUs, any recent GPU); ``bf16`` always; ``fp32`` never. ``training.bf16`` (bf16 weights) implies
-    it, as before.
-    """
-    if training_bf16 or setting == "bf16":
-        return True
-    if setting == "fp32":
-        return False
-    if setting != "auto":
-        raise ValueError(f"sft.mixed_precision {setting!r}: expected auto, bf16 or fp32")
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    from balancedbio.rollout import faster_dtype
-
-    return faster_dtype() == torch.bfloat16
-
-
 def plot_loss(log_history: list[dict], path: str) -> None:
     from balancedbio.io import pyplot, save_figure
 
@@ -110,7 +88,7 @@ def run_sft(*, model_dir: str, sft_path: str, out_dir: str, metrics_path: str, l
     from balancedbio.grpo import lora_config, save_merged
     from balancedbio.io import write_json
     from balancedbio.checkpoints import CompletionMarker, last_complete_checkpoint, training_fingerprint
-    from balancedbio.models import load_causal_lm, load_tokenizer, training_dtype
+    from balancedbio.models import bf16_autocast, load_causal_lm, load_tokenizer, training_dtype
     from balancedbio.tracking import keep_tensorboard_events
 
     sft, training = settings["sft"], settings["training"]
@@ -121,7 +99,7 @@ def run_sft(*, model_dir: str, sft_path: str, out_dir: str, metrics_path: str, l
     pairs, validation = conversation_pairs(sft_path, max_examples=sft["max_examples"], seed=settings["seed"],
                                            val_examples=sft["val_examples"])
     dataset = Dataset.from_list(pairs)
-    autocast = sft_mixed_precision(sft["mixed_precision"], training["bf16"])
+    autocast = bf16_autocast(sft["mixed_precision"], "sft.mixed_precision", training["bf16"])
     tokenizer = load_tokenizer(model_dir, trust_remote_code=settings["trust_remote_code"])
     model = load_causal_lm(model_dir, dtype=training_dtype(training["bf16"], training["use_lora"]),
                            trust_remote_code=settings["trust_remote_code"])

@@ -44,7 +44,10 @@ def variant_settings(config: dict, variant: str) -> dict:
     elif variant == "no_prm":
         settings["use_prm"] = False
     elif variant == "no_aoc":
-        settings["aoc"]["mode"] = "off"
+        # w/o AOC: the penalty never acts, but S_cos is still measured (monitor: the same two
+        # per-capability gradients the update is made of, no probes), so the report can set its
+        # |S_cos| beside full's.
+        settings["aoc"]["mode"] = "monitor"
     elif variant == "ppo":
         settings["advantage"] = "critic"
     elif variant == "dwa":
