@@ -208,7 +208,7 @@ def test_rerunning_kg_synth_reproduces_the_same_bytes(smoke_workdir, tmp_path):
 
 
 def test_decontamination_catches_planted_benchmark_questions(smoke_workdir):
-    texts = load_benchmark_texts(SHARED_BENCHMARKS, ["medqa", "cmexam", "ifeval", "mmlu_med"])
+    texts = load_benchmark_texts(SHARED_BENCHMARKS, ["medqa", "cmexam", "ifeval", "ifbench", "mmlu_med"])
     index = BenchmarkIndex(13)
     for name, items in texts.items():
         index.add(name, items)
@@ -220,12 +220,15 @@ def test_decontamination_catches_planted_benchmark_questions(smoke_workdir):
         {**train[1], "id": "planted-cmexam", "question": f"请回答：{cmexam_question}"},
         {"id": "planted-sft", "messages": [{"role": "user", "content": "Please help. " + medqa_question[20:]},
                                            {"role": "assistant", "content": "Answer: A"}]},
+        # An instruction prompt that quotes an IFBench test prompt (IFBench is the out-of-distribution test).
+        {"id": "planted-ifbench", "prompt": "Answer this: " + next(p for p in texts["ifbench"] if len(p) > 120),
+         "instruction_id_list": [], "kwargs": []},
     ]
     kept, report = decontaminate(train + planted, index, threshold=0.0)
     kept_ids = {r["id"] for r in kept}
-    assert not {"planted-medqa", "planted-cmexam", "planted-sft"} & kept_ids
+    assert not {"planted-medqa", "planted-cmexam", "planted-sft", "planted-ifbench"} & kept_ids
     assert {r["id"] for r in train} <= kept_ids
-    assert report["dropped_by_benchmark"] == {"medqa": 2, "cmexam": 1}
+    assert report["dropped_by_benchmark"] == {"medqa": 2, "cmexam": 1, "ifbench": 1}
 
 
 def test_decontamination_report_of_the_run(smoke_workdir):

@@ -129,7 +129,7 @@ def heldout_instruction_prompts(graph_path: str, mcq_test_path: str, train_promp
     """
     from balancedbio.data.instruct import generate_prompts
     from balancedbio.data.kg import KnowledgeGraph
-    from balancedbio.data.pipeline import ifeval_test_prompts
+    from balancedbio.data.pipeline import instruction_test_prompts
     from balancedbio.ifeval import instruction_registry
 
     kg = KnowledgeGraph.load(graph_path)
@@ -144,7 +144,7 @@ def heldout_instruction_prompts(graph_path: str, mcq_test_path: str, train_promp
                             medical_fraction=instruct_config["medical_fraction"], instruction_ids=ids,
                             min_instructions=instruct_config["min_instructions"],
                             max_instructions=instruct_config["max_instructions"], seed=f"{seed}:heldout",
-                            forbidden_prompts=trained | ifeval_test_prompts(benchmarks_dir))
+                            forbidden_prompts=trained | instruction_test_prompts(benchmarks_dir))
     if len(rows) < num_prompts:
         log.warning("held-out instruction prompts: only %d distinct of %d requested", len(rows), num_prompts)
     return [{"id": f"inst:{row['key']}", "component": "instruction", "prompt": row["prompt"],

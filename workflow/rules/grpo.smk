@@ -45,8 +45,25 @@ rule grpo:
         settings=lambda wc: json.dumps(variant_settings(config, wc.variant), sort_keys=True),
         prm=lambda wc, input: f"--prm {input.prm}" if input.prm else "",
         checkpoints="results/grpo_{variant}/checkpoints",
+        # Every module a GRPO job's results depend on (the answer parser and the step splitter
+        # shape the rewards; the rollout copy, the typed config and the models module the run).
         code=code_digest(
-            "grpo.py", "ppo.py", "aoc.py", "weights.py", "rewards.py", "prm.py", "train.py", "checkpoints.py"
+            "grpo.py",
+            "ppo.py",
+            "aoc.py",
+            "weights.py",
+            "rewards.py",
+            "prm.py",
+            "answers.py",
+            "ifeval.py",
+            "data/reasoning.py",
+            "data/formatting.py",
+            "rollout.py",
+            "training_args.py",
+            "variants.py",
+            "models.py",
+            "train.py",
+            "checkpoints.py",
         ),
     shell:
         "{params.launch} -m balancedbio.train grpo --model {input.model} --mcq {input.mcq}"

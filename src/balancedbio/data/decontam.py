@@ -19,7 +19,7 @@ from balancedbio.io import read_jsonl
 _TOKEN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W_]+", re.UNICODE)
 # Which fields hold the test question of each benchmark (SOURCES.md).
 BENCHMARK_TEXT_FIELDS = {"mmlu_med": ("question",), "medqa": ("question",), "cmexam": ("question",),
-                         "ifeval": ("prompt",), "kg_mcq": ("question",)}
+                         "ifeval": ("prompt",), "ifbench": ("prompt",), "kg_mcq": ("question",)}
 
 
 def tokens(text: str) -> list[str]:

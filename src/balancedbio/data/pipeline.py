@@ -11,7 +11,6 @@ from pathlib import Path
 from balancedbio.io import read_jsonl, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
-TRAINING_BENCHMARKS = ("mmlu_med", "medqa", "ifeval", "cmexam")
 
 
 def build_kg(out_path: str | Path) -> dict:
@@ -79,9 +78,14 @@ def kg_synth(graph_path: str | Path, *, kg_config: dict, sft_config: dict, seed:
     return stats
 
 
-def ifeval_test_prompts(benchmarks_dir: str | Path | None) -> set[str]:
-    path = Path(benchmarks_dir) / "ifeval" / "test.jsonl" if benchmarks_dir else None
-    return {row["prompt"] for row in read_jsonl(path)} if path and path.is_file() else set()
+def instruction_test_prompts(benchmarks_dir: str | Path | None) -> set[str]:
+    """The IFEval and IFBench test prompts present under ``benchmarks_dir``: no generated prompt may equal one."""
+    prompts: set[str] = set()
+    for name in ("ifeval", "ifbench"):
+        path = Path(benchmarks_dir) / name / "test.jsonl" if benchmarks_dir else None
+        if path and path.is_file():
+            prompts |= {row["prompt"] for row in read_jsonl(path)}
+    return prompts
 
 
 def instruct_prompts(graph_path: str | Path, mcq_train_path: str | Path, *, instruct_config: dict, seed: int,
@@ -103,7 +107,7 @@ def instruct_prompts(graph_path: str | Path, mcq_train_path: str | Path, *, inst
                             medical_fraction=instruct_config["medical_fraction"], instruction_ids=ids,
                             min_instructions=instruct_config["min_instructions"],
                             max_instructions=instruct_config["max_instructions"], seed=seed,
-                            forbidden_prompts=ifeval_test_prompts(benchmarks_dir))
+                            forbidden_prompts=instruction_test_prompts(benchmarks_dir))
     if len(rows) < instruct_config["num_prompts"]:
         log.warning("instruct_prompts: only %d distinct prompts of %d requested", len(rows), instruct_config["num_prompts"])
     return write_jsonl(out_path, rows)
