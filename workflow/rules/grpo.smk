@@ -35,6 +35,9 @@ rule grpo:
         "logs/grpo_{variant}.log",
     benchmark:
         "benchmarks/grpo_{variant}.tsv"
+    # The longest chain (data -> PRM, SFT -> GRPO -> its evaluations): run it before the
+    # evaluations of base and sft, which can fill the cores at any time.
+    priority: 10
     conda:
         "../envs/balancedbio.yaml"
     threads: rule_resources("grpo")["cpus_per_task"]

@@ -14,6 +14,9 @@ rule train_prm:
         "logs/train_prm.log",
     benchmark:
         "benchmarks/train_prm.tsv"
+    # The longest chain (data -> PRM, SFT -> GRPO -> its evaluations): run it before the
+    # evaluations of base and sft, which can fill the cores at any time.
+    priority: 20
     conda:
         "../envs/balancedbio.yaml"
     threads: rule_resources("train_prm")["cpus_per_task"]

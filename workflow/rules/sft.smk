@@ -17,6 +17,9 @@ rule sft:
         "logs/sft.log",
     benchmark:
         "benchmarks/sft.tsv"
+    # The longest chain (data -> PRM, SFT -> GRPO -> its evaluations): run it before the
+    # evaluations of base and sft, which can fill the cores at any time.
+    priority: 20
     conda:
         "../envs/balancedbio.yaml"
     threads: rule_resources("sft")["cpus_per_task"]
