@@ -73,12 +73,18 @@ PHASES = {
     "rewards": "_calculate_rewards",
     "generate_and_score": "_generate_and_score_completions",
     "training_step": "training_step",
+    # Inside training_step when AOC is on: the per-capability gradients, and the penalty's
+    # finite-difference probes (only on steps where it fires).
+    "capability_gradients": "capability_gradients",
+    "penalty_probes": "_penalty_gradient_fd",
 }
 
 
 def _time_phases(trainer) -> dict[str, list[float]]:
     spent: dict[str, list[float]] = {phase: [] for phase in PHASES}
     for phase, method in PHASES.items():
+        if not hasattr(trainer, method):  # TRL's own trainer has no AOC phases
+            continue
         original = getattr(trainer, method)
 
         def timed(*args, _original=original, _phase=phase, **kwargs):
