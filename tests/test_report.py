@@ -253,6 +253,9 @@ def test_steering_table_checks_bounds_and_the_update_share_against_the_weight_sh
                             "update_share_instruction": u} for i, u in enumerate([0.4, 0.5, 0.6])],
         "at_the_clamp": [{"step": 1, "weight_accuracy": 10.0, "weight_instruction": 0.5}],
     }
+    # A step without instruction signal (share 0) says nothing about the weights: left out of r.
+    dynamics["full"].append({"step": 4, "weight_accuracy": 1.0, "weight_instruction": 2.0,
+                             "update_share_instruction": 0.0})
     rows = {r["variant"]: r for r in steering_rows(dynamics, (0.1, 10.0))}
     full = rows["full"]
     assert (full["min_weight"], full["max_weight"], full["strictly_inside_bounds"]) == (1.0, 3.0, True)
@@ -261,7 +264,7 @@ def test_steering_table_checks_bounds_and_the_update_share_against_the_weight_sh
     assert rows["static_weights"]["share_correlation"] is None  # constant weights: r undefined
     assert rows["at_the_clamp"]["strictly_inside_bounds"] is False  # a weight on max_weight is not inside
     (line,) = steering_findings([full], (0.1, 10.0))
-    assert "strictly inside [0.1, 10] on all 3 steps" in line and "r = 1.00" in line
+    assert "strictly inside [0.1, 10] on all 4 steps" in line and "r = 1.00 over 3 steps" in line
 
 
 def test_an_evaluated_result_needs_its_declared_items_file(run_dir):

@@ -321,8 +321,11 @@ def steering_rows(dynamics: dict[str, list[dict]], bounds: tuple[float, float] |
 
     ``weight_share_instruction`` is w_inst / sum_k w_k at a step; ``update_share_instruction`` the
     trainer's share of sum |A| on the instruction rows. Under eq. 11 the second follows the first
-    (each A_k has a batch scale that does not depend on w_k); ``share_correlation`` is their Pearson r
-    over the steps (None where either is constant, e.g. static weights).
+    (each A_k has a batch scale that does not depend on w_k), but only on steps where both
+    capabilities carry a policy gradient: a step whose instruction (or medical) groups all had
+    constant rewards has a share of 0 (or 1) whatever the weights. ``share_correlation`` is the
+    Pearson r over the steps with a share strictly between 0 and 1 (None with fewer than 3 such
+    steps, or where either series is constant, e.g. static weights).
     """
     rows = []
     for variant, steps in dynamics.items():
@@ -335,6 +338,8 @@ def steering_rows(dynamics: dict[str, list[dict]], bounds: tuple[float, float] |
         for r, w in zip(steps, weights):
             share = r.get("update_share_instruction")
             if share is None or "instruction" not in names or not w or any(v is None for v in w):
+                continue
+            if not 0.0 < share < 1.0:  # one capability had no policy gradient on this step
                 continue
             pairs.append((w[names.index("instruction")] / sum(w), share))
         correlation = None
@@ -889,9 +894,11 @@ def build_report(*, out_dir: str, evaluations: Iterable[str], eval_items: Iterab
                        "r (share vs w_inst / sum w)": _fmt(r["share_correlation"]),
                        "steps": r["share_steps"]} for r in steering]),
               note=(f"Bounds [{bounds[0]:g}, {bounds[1]:g}] (weights.min_weight, max_weight). " if bounds else "")
-                   + "r: Pearson correlation over the steps of the instruction rows' share of sum |A| with "
-                     "w_inst / sum_k w_k; under eq. 11 the first follows the second. Undefined (–) for "
-                     "constant weights."),
+                   + "r: Pearson correlation of the instruction rows' share of sum |A| with w_inst / sum_k "
+                     "w_k over the steps on which both capabilities had a policy gradient (a step whose "
+                     "instruction groups all had constant rewards has a share of 0 whatever the weights); "
+                     "under eq. 11 the first follows the second. Undefined (–) for constant weights or "
+                     "fewer than 3 such steps."),
         Table("Table 3: base vs BalancedBio",
               _frame([{"model": r["model"], "benchmark": r["benchmark"], "metric": r["metric"],
                        "value %": _fmt(r["value"], True), "n": r["n"]} for r in table3])),
