@@ -963,7 +963,10 @@ def plot_dynamics(dynamics_path: str, figure_path: str, title: str = "") -> None
     ax.plot(steps, s_cos, marker="o", markersize=2, color="tab:purple", label="S_cos")
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_ylabel("S_cos (medical vs instruction gradient)")
-    ax.set_ylim(-1.05, 1.05)
+    # Symmetric about 0 and scaled to the values: at |S_cos| ~ 0.03 a [-1, 1] axis shows a flat line.
+    finite = [abs(v) for v in s_cos if not math.isnan(v)]
+    limit = min(1.05, max(0.05, 1.2 * max(finite))) if finite else 1.05
+    ax.set_ylim(-limit, limit)
     ax.grid(alpha=0.3)
     ax = axes.flat[4]
     if "instruction" in names:  # eq. 11: the instruction rows' share of sum |A| follows w_inst / sum w
