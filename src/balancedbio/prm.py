@@ -387,10 +387,12 @@ def train_prm(*, steps_path: str, encoder: str, out_dir: str, metrics_path: str,
                               TrainingArguments)
 
     from balancedbio.checkpoints import CompletionMarker, last_complete_checkpoint, training_fingerprint
+    from balancedbio.defaults import with_defaults
     from balancedbio.models import bf16_autocast, resolve_model
     from balancedbio.tracking import keep_tensorboard_events
 
     start = time.perf_counter()
+    prm_config = with_defaults("prm", prm_config)  # a partial section (a caller's, a test's) gets the schema's
     chains = list(read_jsonl(steps_path))
     train_chains = [c for c in chains if c.get("split") == "train" and c.get("use", "prm") == "prm"]
     test_chains = [c for c in chains if c.get("split") == "test"]
