@@ -51,7 +51,8 @@ def default_prm_workdir(tmp_path_factory) -> Path:
     """A working directory in which the embedded default's own config (config/config.yaml) built
     its data and trained its process reward model: the real rules, about 5 minutes on 2 cores."""
     workdir = tmp_path_factory.mktemp("default_prm")
-    run_snakemake("--cores", "2", "--configfile", str(REPO / "config" / "config.yaml"), "results/models/prm",
+    # The target first: --configfile takes every argument after it.
+    run_snakemake("results/models/prm", "--cores", "2", "--configfile", str(REPO / "config" / "config.yaml"),
                   workdir=workdir, env=SMOKE_ENV)
     return workdir
 
