@@ -42,7 +42,7 @@ def test_prm_ranks_sound_chains_above_planted_fallacies(smoke_workdir):
     assert ranking["sound_above_flawed"] >= 0.75, ranking
 
 
-def _smoke_chains(workdir):
+def _clean_chains(workdir):
     return list(read_jsonl(workdir / "results" / "data" / "clean" / "steps.jsonl"))
 
 
@@ -55,7 +55,7 @@ def test_reasoning_reward_punishes_a_wrong_final_letter(default_prm_workdir):
     """
     prm_dir = default_prm_workdir / "results" / "models" / "prm"
     reward = ReasoningReward(PRMScorer(prm_dir), gamma=0.001, length_target=200)
-    sound = [c for c in _smoke_chains(default_prm_workdir) if c["split"] == "test" and c["chain"] == "sound"][:100]
+    sound = [c for c in _clean_chains(default_prm_workdir) if c["split"] == "test" and c["chain"] == "sound"][:100]
     assert len(sound) >= 50
     right, wrong = [], []
     for chain in sound:
@@ -94,7 +94,7 @@ def test_prm_sft_and_grpo_share_no_question_and_no_disease_family(smoke_workdir)
     data = smoke_workdir / "results" / "data"
     questions = {q["id"]: q for q in read_jsonl(data / "kg" / "mcq_train.jsonl")}
     sets = {
-        "prm": {c["question_id"] for c in _smoke_chains(smoke_workdir) if c["split"] == "train"},
+        "prm": {c["question_id"] for c in _clean_chains(smoke_workdir) if c["split"] == "train"},
         "sft": {c["question_id"] for c in read_jsonl(data / "clean" / "sft.jsonl") if c["capability"] == "medical"},
         "grpo": {q["id"] for q in read_jsonl(data / "clean" / "mcq_train.jsonl") if q.get("source", "kg") == "kg"},
     }
@@ -145,7 +145,7 @@ def test_training_resumes_from_the_last_checkpoint(smoke_workdir, tmp_path):
 
 
 def test_training_starts_fresh_beside_a_torn_checkpoint(smoke_workdir, tmp_path):
-    chains = _smoke_chains(smoke_workdir)
+    chains = _clean_chains(smoke_workdir)
     steps = tmp_path / "steps.jsonl"
     write_jsonl(steps, [c for c in chains if c["split"] == "train"][:6] + [c for c in chains if c["split"] == "test"][:3])
     (tmp_path / "ckpt" / "checkpoint-30").mkdir(parents=True)

@@ -44,6 +44,11 @@ def _dot(a: Gradients, b: Gradients) -> torch.Tensor:
     return total if total is not None else torch.zeros(())
 
 
+def add_gradients(a: Gradients, b: Gradients) -> list[torch.Tensor | None]:
+    """a + b parameter by parameter, a ``None`` entry counting as zero (``None`` where both are)."""
+    return [y if x is None else (x if y is None else x + y) for x, y in zip(a, b)]
+
+
 def average_across_ranks(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The rank average of each tensor, in float32, with one all-reduce of a flat buffer.
 

@@ -48,8 +48,8 @@ from torch.utils.data import Sampler
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
-from balancedbio.aoc import (Projector, average_across_ranks, cosine_from_gramian, cosine_gradient_directions, dynamic_lambda,
-                             gramian, orthogonality_penalty)
+from balancedbio.aoc import (Projector, add_gradients, average_across_ranks, cosine_from_gramian,
+                             cosine_gradient_directions, dynamic_lambda, gramian, orthogonality_penalty)
 from balancedbio.ppo import CriticAdvantage
 from balancedbio.weights import WeightController, build_weight_controller
 
@@ -451,7 +451,7 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
                     with (_quiet_loss(self) if quiet else contextlib.nullcontext()), self.compute_loss_context_manager():
                         loss = self._compute_loss(model, part) * scale
                     grads = torch.autograd.grad(loss, params, create_graph=differentiable, allow_unused=True)
-                    summed = [g if s is None else (s if g is None else s + g) for s, g in zip(summed, grads)]
+                    summed = add_gradients(summed, grads)
                     total = total + loss.detach()
                     chunks.append((part, scale, rng))
                 self._capability_parts.append(chunks)
@@ -482,7 +482,7 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
                         self.compute_loss_context_manager():
                     loss = self._compute_loss(model, part) * scale
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
-                summed = [g if s is None else (s if g is None else s + g) for s, g in zip(summed, grads)]
+                summed = add_gradients(summed, grads)
         finally:
             with torch.no_grad():
                 for p, original in zip(params, saved):
@@ -656,7 +656,7 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
                         (a.detach() if a is not None else 0) + (b.detach() if b is not None else 0)
                         for a, b in zip(grads_r, grads_i)]
         if grads_orth is not None:
-            combined = [c if o is None else (o if c is None else c + o) for c, o in zip(combined, grads_orth)]
+            combined = add_gradients(combined, grads_orth)
         for param, grad in zip(params, combined):
             if grad is None:
                 continue
