@@ -61,6 +61,7 @@ def worker(out_dir: str) -> None:
 
     for scenario in sorted(SCENARIOS):
         _aoc_step(out_dir, scenario)
+    _dynamic_sampling_step(out_dir)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -121,6 +122,68 @@ def _aoc_step(out_dir: str, scenario: str) -> None:
     accelerator.wait_for_everyone()
 
 
+class ScriptedReward:
+    """1.0 on every completion of a prompt in ``constant``, else 1, 0, 1, 0 ...; None off its capability."""
+
+    def __init__(self, name: str, capability: str, constant: set[str]):
+        self.name = self.__name__ = name
+        self.capability, self.constant = capability, constant
+        self.last_success: list = []
+        self.stats: dict = {}
+
+    def __call__(self, prompts, completions, capability, **_):
+        scores = [None if c != self.capability else 1.0 if p in self.constant else float(i % 2 == 0)
+                  for i, (p, c) in enumerate(zip(prompts, capability))]
+        self.last_success = [None if s is None else s == 1.0 for s in scores]
+        return scores
+
+
+# Groups of G=2 of the global batch; rank r holds groups 2r and 2r+1, so only rank 0 has the
+# constant instruction group (w3 w4) and only rank 0 has something to resample.
+RESAMPLING_GROUPS = ["w1 w2", "w3 w4", "w1 w2", "w5 w6"]
+
+
+def _dynamic_sampling_step(out_dir: str) -> None:
+    """One generation + scoring step with grpo.resample_constant_groups on (TRL's generation gathers)."""
+    import torch
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import GRPOConfig
+
+    from balancedbio.grpo import BalancedGRPOTrainer
+    from balancedbio.weights import StaticWeights
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, eos_token_id=2, bos_token_id=None)
+    capability = {"w1 w2": "medical", "w3 w4": "instruction", "w5 w6": "instruction", "w7 w8": "instruction"}
+    dataset = Dataset.from_list([{"prompt": p, "capability": c, "answer": None} for p, c in capability.items()])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    args = GRPOConfig(output_dir=str(Path(out_dir) / "sampling"), per_device_train_batch_size=ROWS // world,
+                      num_generations=2, beta=0.0, max_completion_length=4, loss_type="grpo", report_to=[],
+                      use_cpu=True, bf16=False, logging_steps=1, max_steps=1)
+    rewards = [ScriptedReward("accuracy", "medical", set()), ScriptedReward("instruction", "instruction", {"w3 w4"})]
+    trainer = BalancedGRPOTrainer(model=LlamaForCausalLM(config), reward_funcs=rewards, args=args,
+                                  train_dataset=dataset, processing_class=_tokenizer(),
+                                  weight_controller=StaticWeights(["accuracy", "instruction"], [1.0, 1.0]),
+                                  aoc_config={"mode": "off"})
+    trainer.args.resample_constant_groups = 2
+    accelerator = trainer.accelerator
+    trainer.model_wrapped = accelerator.prepare(trainer.model)
+    trainer.model_wrapped.train()
+    rank, groups = accelerator.process_index, len(RESAMPLING_GROUPS) // world
+    rows = [{"prompt": p, "capability": capability[p], "answer": None}
+            for p in RESAMPLING_GROUPS[rank * groups:(rank + 1) * groups] for _ in range(2)]
+    output = trainer._generate_and_score_completions(rows)
+    record = trainer.pop_step_record()
+    result = {"prompts": [row["prompt"] for row in rows], "advantages": output["advantages"].tolist(),
+              **{k: record.get(k) for k in ("constant_groups_sampled", "groups_resampled", "constant_groups_kept",
+                                             "batch_success_instruction", "batch_success_accuracy")}}
+    (Path(out_dir) / f"sampling_{world}_{rank}.json").write_text(json.dumps(result), encoding="utf-8")
+    accelerator.wait_for_everyone()
+
+
 def _run(tmp_path: Path, processes: int) -> dict[str, list[dict]]:
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -136,7 +199,7 @@ def _run(tmp_path: Path, processes: int) -> dict[str, list[dict]]:
         raise AssertionError(f"{processes}-process AOC steps did not finish in 300 s:\n{err.stderr}") from None
     assert done.returncode == 0, f"{processes}-process AOC step failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     return {scenario: [json.loads((out / f"{scenario}_{processes}_{rank}.json").read_text())
-                       for rank in range(processes)] for scenario in SCENARIOS}
+                       for rank in range(processes)] for scenario in (*SCENARIOS, "sampling")}
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +232,25 @@ def test_aoc_penalty_step_in_two_processes_matches_one(runs, scenario):
         assert torch.allclose(delta, expected_delta, rtol=1e-3, atol=1e-7)
         assert float(delta.abs().max()) > 0
     assert ranks[0]["grad"] == ranks[1]["grad"]  # replicas stay identical
+
+
+def test_dynamic_sampling_in_two_processes(runs):
+    """Only rank 0 has a constant group: both ranks still draw in lockstep (no hang), and the
+    counts and the controller's success rates are global."""
+    single, = runs[1]["sampling"]
+    ranks = runs[2]["sampling"]
+    assert single["prompts"][2:4] != ["w3 w4", "w3 w4"]  # the constant group was replaced
+    assert (single["constant_groups_sampled"], single["groups_resampled"], single["constant_groups_kept"]) == (1, 1, 0)
+    assert ranks[0]["prompts"][2:] in (["w5 w6"] * 2, ["w7 w8"] * 2)
+    assert ranks[1]["prompts"] == ["w1 w2", "w1 w2", "w5 w6", "w5 w6"]  # nothing to replace there
+    for result in ranks:
+        # Each of the 2 processes drew 1 group (as many as the process with the most constant ones).
+        assert (result["constant_groups_sampled"], result["groups_resampled"], result["constant_groups_kept"]) == (1, 2, 0)
+        # Every sampled instruction completion counts: 2 discarded passes + 1 of 2 in each kept group.
+        assert result["batch_success_instruction"] == pytest.approx(single["batch_success_instruction"])
+        assert result["batch_success_instruction"] == pytest.approx(4 / 6)
+        assert result["batch_success_accuracy"] == pytest.approx(0.5)
+        assert all(abs(a) > 0 for a in result["advantages"])  # every group now carries a gradient
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:

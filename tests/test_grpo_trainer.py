@@ -233,6 +233,8 @@ def test_weighted_components_advantages_by_hand(tmp_path):
     # accuracy [1, 0] centred +-0.5, batch std 0.5; instruction [1, 0.5] centred +-0.25, std 0.25.
     assert output["advantages"].tolist() == pytest.approx([1.0, -1.0, 10.0, -10.0])
     assert record["update_share_instruction"] == pytest.approx(20 / 22)
+    # The counterfactual of the same batch at equal weights: A = [1, -1, 1, -1].
+    assert record["update_share_instruction_equal_weights"] == pytest.approx(0.5)
 
 
 def test_raising_w_inst_raises_the_instruction_share_only_under_eq_11(tmp_path):
@@ -274,3 +276,79 @@ def test_weighted_advantages_keep_this_process_rows(tmp_path):
         output = trainer._generate_and_score_completions(rows)
     expected = weighted_component_advantages(both, torch.tensor([1.0, 2.0]), 2, 0.1)[4:]
     assert output["advantages"].tolist() == pytest.approx(expected.tolist())
+
+
+# -- dynamic sampling of constant groups --------------------------------------------------------
+class ScriptedReward:
+    """A plain reward callable for one capability: 1.0 on every completion of a prompt in ``constant``
+    (a group without variance), else 1, 0, 1, 0 ... (a group of 2 with variance); None elsewhere."""
+
+    def __init__(self, name: str, capability: str, constant: set[str]):
+        self.name = self.__name__ = name
+        self.capability, self.constant = capability, constant
+        self.last_success: list = []
+        self.stats = {"calls": 0}
+
+    def __call__(self, prompts, completions, capability, **_):
+        self.stats["calls"] += 1
+        scores = [None if c != self.capability else 1.0 if p in self.constant else float(i % 2 == 0)
+                  for i, (p, c) in enumerate(zip(prompts, capability))]
+        self.last_success = [None if s is None else s == 1.0 for s in scores]
+        return scores
+
+
+def _resampling_trainer(tmp_path, rounds: int):
+    trainer = make_trainer(tmp_path, "off", controller=StaticWeights(["accuracy", "instruction"], [1.0, 1.0]))
+    trainer.reward_funcs = [ScriptedReward("accuracy", "medical", set()),
+                            ScriptedReward("instruction", "instruction", {"w3 w4"})]
+    trainer.train_dataset = Dataset.from_list([
+        {"prompt": "w1 w2", "capability": "medical", "answer": "A"},
+        {"prompt": "w3 w4", "capability": "instruction", "answer": None},   # always the same reward
+        {"prompt": "w5 w6", "capability": "instruction", "answer": None},   # rewards that vary
+    ])
+    trainer.args.resample_constant_groups = rounds
+    return trainer
+
+
+def test_dynamic_sampling_replaces_a_constant_group_and_counts_what_it_discarded(tmp_path):
+    trainer = _resampling_trainer(tmp_path, rounds=2)
+    rows = [dict(trainer.train_dataset[i]) for i in (0, 0, 1, 1)]
+    calls_before = trainer.reward_funcs[1].stats["calls"]
+    output = trainer._generate_and_score_completions(rows)
+    record = trainer.pop_step_record()
+    # The constant instruction group (w3 w4) was replaced by the only other instruction prompt, in place.
+    assert [row["prompt"] for row in rows] == ["w1 w2", "w1 w2", "w5 w6", "w5 w6"]
+    assert record["constant_groups_sampled"] == 1 and record["groups_resampled"] == 1
+    assert record["constant_groups_kept"] == 0
+    # Both capabilities now carry a policy gradient: S_cos is defined on this step.
+    advantages = output["advantages"]
+    assert float(advantages[2:].abs().sum()) > 0 and float(advantages[:2].abs().sum()) > 0
+    assert 0 < record["update_share_instruction"] < 1
+    # The controller's rate counts every sampled instruction completion: the discarded group's two
+    # successes and the kept group's one of two -> 3/4 (the kept rows alone would say 1/2).
+    assert record["batch_success_instruction"] == pytest.approx(0.75)
+    # The checking calls did not count in the reward's statistics: one scoring of the final batch.
+    assert trainer.reward_funcs[1].stats["calls"] == calls_before + 1
+
+
+def test_without_dynamic_sampling_the_constant_group_stays(tmp_path):
+    trainer = _resampling_trainer(tmp_path, rounds=0)
+    rows = [dict(trainer.train_dataset[i]) for i in (0, 0, 1, 1)]
+    output = trainer._generate_and_score_completions(rows)
+    record = trainer.pop_step_record()
+    assert [row["prompt"] for row in rows] == ["w1 w2", "w1 w2", "w3 w4", "w3 w4"]
+    assert "groups_resampled" not in record
+    assert output["advantages"][2:].tolist() == [0.0, 0.0]
+    assert record["update_share_instruction"] == 0.0
+
+
+def test_dynamic_sampling_keeps_a_group_no_draw_could_fix(tmp_path):
+    trainer = _resampling_trainer(tmp_path, rounds=2)
+    trainer.reward_funcs[1].constant = {"w3 w4", "w5 w6"}  # every instruction prompt is constant
+    rows = [dict(trainer.train_dataset[i]) for i in (0, 0, 1, 1)]
+    trainer._generate_and_score_completions(rows)
+    record = trainer.pop_step_record()
+    assert record["groups_resampled"] == 2 and record["constant_groups_kept"] == 1
+    assert [row["prompt"] for row in rows][2:] == ["w3 w4", "w3 w4"]  # not swapped for another constant one
+    # The rate counts the two discarded candidate groups as well: 6 of 6 instruction completions passed.
+    assert record["batch_success_instruction"] == pytest.approx(1.0)

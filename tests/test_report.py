@@ -265,6 +265,33 @@ def test_steering_table_checks_bounds_and_the_update_share_against_the_weight_sh
     assert rows["at_the_clamp"]["strictly_inside_bounds"] is False  # a weight on max_weight is not inside
     (line,) = steering_findings([full], (0.1, 10.0))
     assert "strictly inside [0.1, 10] on all 4 steps" in line and "r = 1.00 over 3 steps" in line
+    assert full["counterfactual_steps"] == 0  # no equal-weight shares in these dynamics
+
+
+def test_steering_counts_the_steps_where_the_weights_moved_the_share_as_eq_11_predicts():
+    # K = 2: w_inst / sum w = 0.25 predicts a share below the equal-weight one, 0.75 above, 0.5 nothing.
+    steps = [(3.0, 1.0, 0.2, 0.4), (1.0, 3.0, 0.7, 0.5), (1.0, 3.0, 0.3, 0.5), (1.0, 1.0, 0.5, 0.5),
+             (1.0, 3.0, 0.0, 0.3)]  # the last: no instruction signal at the applied weights, left out
+    dynamics = {"full": [{"step": i + 1, "weight_accuracy": a, "weight_instruction": b,
+                          "update_share_instruction": u, "update_share_instruction_equal_weights": e}
+                         for i, (a, b, u, e) in enumerate(steps)]}
+    (row,) = steering_rows(dynamics, (0.1, 10.0))
+    assert (row["share_moved_as_predicted"], row["counterfactual_steps"]) == (2, 3)
+    assert row["mean_update_share_instruction_equal_weights"] == pytest.approx((0.4 + 0.5 + 0.5) / 3)
+    (line,) = steering_findings([row], (0.1, 10.0))
+    assert "the way eq. 11 predicts" in line and "on 2 of 3 steps" in line
+
+
+def test_aoc_table_counts_dynamic_sampling():
+    dynamics = {"full": [{"step": 1, "s_cos": 0.1, "constant_groups_sampled": 3, "groups_resampled": 4,
+                          "constant_groups_kept": 1},
+                         {"step": 2, "s_cos": None, "constant_groups_sampled": 2, "groups_resampled": 2,
+                          "constant_groups_kept": 2}],
+                "off": [{"step": 1, "s_cos": 0.2}]}
+    rows = {r["variant"]: r for r in aoc_rows(dynamics)}
+    assert (rows["full"]["constant_groups_sampled"], rows["full"]["groups_resampled"],
+            rows["full"]["constant_groups_kept"]) == (5, 6, 3)
+    assert rows["off"]["groups_resampled"] is None
 
 
 def test_an_evaluated_result_needs_its_declared_items_file(run_dir):

@@ -312,7 +312,10 @@ def aoc_rows(dynamics: dict[str, list[dict]]) -> list[dict]:
                      "defined_fraction": len(defined) / len(steps) if steps else None,
                      "fired_fraction_of_defined": fired / len(defined) if defined else None,
                      "mean_abs_s_cos": float(np.mean(magnitudes)) if magnitudes else None,
-                     "max_abs_s_cos": max(magnitudes) if magnitudes else None})
+                     "max_abs_s_cos": max(magnitudes) if magnitudes else None,
+                     # Dynamic sampling (grpo.resample_constant_groups): None where it was off.
+                     **{key: (sum(r.get(key) or 0 for r in steps) if any(key in r for r in steps) else None)
+                        for key in ("constant_groups_sampled", "groups_resampled", "constant_groups_kept")}})
     return rows
 
 
@@ -326,6 +329,13 @@ def steering_rows(dynamics: dict[str, list[dict]], bounds: tuple[float, float] |
     constant rewards has a share of 0 (or 1) whatever the weights. ``share_correlation`` is the
     Pearson r over the steps with a share strictly between 0 and 1 (None with fewer than 3 such
     steps, or where either series is constant, e.g. static weights).
+
+    ``update_share_instruction_equal_weights`` (eq. 11 runs) is the same batch's share had every
+    weight been 1: the weights' own effect on that update, free of the batch-to-batch variation
+    of the rewards. Eq. 11 predicts the share to rise above it when w_inst / sum w > 1/K (K
+    components) and to fall below it when < 1/K; ``share_moved_as_predicted`` counts the steps
+    where it did, of ``counterfactual_steps`` (steps with both shares strictly inside (0, 1) and
+    w_inst / sum w not exactly 1/K).
     """
     rows = []
     for variant, steps in dynamics.items():
@@ -334,7 +344,7 @@ def steering_rows(dynamics: dict[str, list[dict]], bounds: tuple[float, float] |
         complete = [w for w in weights if w and all(v is not None for v in w)]
         lowest = min((min(w) for w in complete), default=None)
         highest = max((max(w) for w in complete), default=None)
-        pairs = []
+        pairs, moves, equal_shares = [], [], []
         for r, w in zip(steps, weights):
             share = r.get("update_share_instruction")
             if share is None or "instruction" not in names or not w or any(v is None for v in w):
@@ -342,6 +352,12 @@ def steering_rows(dynamics: dict[str, list[dict]], bounds: tuple[float, float] |
             if not 0.0 < share < 1.0:  # one capability had no policy gradient on this step
                 continue
             pairs.append((w[names.index("instruction")] / sum(w), share))
+            equal = r.get("update_share_instruction_equal_weights")
+            if equal is not None and 0.0 < equal < 1.0:
+                excess = w[names.index("instruction")] / sum(w) - 1.0 / len(w)
+                if abs(excess) > 1e-9:
+                    moves.append((excess > 0) == (share > equal))
+                    equal_shares.append(equal)
         correlation = None
         if len(pairs) >= 3 and np.std([a for a, _ in pairs]) > 1e-9 and np.std([b for _, b in pairs]) > 1e-9:
             correlation = float(np.corrcoef(np.array(pairs).T)[0, 1])
@@ -352,7 +368,10 @@ def steering_rows(dynamics: dict[str, list[dict]], bounds: tuple[float, float] |
                      "strictly_inside_bounds": inside,
                      "mean_weight_share_instruction": float(np.mean([a for a, _ in pairs])) if pairs else None,
                      "mean_update_share_instruction": float(np.mean([b for _, b in pairs])) if pairs else None,
-                     "share_correlation": correlation, "share_steps": len(pairs)})
+                     "share_correlation": correlation, "share_steps": len(pairs),
+                     "mean_update_share_instruction_equal_weights":
+                         float(np.mean(equal_shares)) if equal_shares else None,
+                     "share_moved_as_predicted": sum(moves), "counterfactual_steps": len(moves)})
     return rows
 
 
@@ -368,6 +387,12 @@ def steering_findings(rows: list[dict], bounds: tuple[float, float] | None) -> l
         if row["share_correlation"] is not None:
             text += (f"; the instruction rows' share of sum |A| followed w_inst / sum w with r = "
                      f"{row['share_correlation']:.2f} over {row['share_steps']} steps")
+        if row["counterfactual_steps"]:
+            text += (f"; against the same batches at equal weights, the weights moved the instruction share "
+                     f"the way eq. 11 predicts (up when w_inst / sum w > 1/K, down when below) on "
+                     f"{row['share_moved_as_predicted']} of {row['counterfactual_steps']} steps (mean share "
+                     f"{_fmt(row['mean_update_share_instruction'])} at the applied weights, "
+                     f"{_fmt(row['mean_update_share_instruction_equal_weights'])} at equal weights)")
         lines.append(text + ".")
     return lines
 
@@ -829,10 +854,13 @@ def build_report(*, out_dir: str, evaluations: Iterable[str], eval_items: Iterab
               "heldout_rewards": _frame(held, ["model", "component", "mean", "n", "ci_low", "ci_high", "status"]),
               "table2_ablations": _frame(ablations),
               "aoc": _frame(aoc, ["variant", "steps", "s_cos_defined", "fired", "defined_fraction",
-                                  "fired_fraction_of_defined", "mean_abs_s_cos", "max_abs_s_cos"]),
+                                  "fired_fraction_of_defined", "mean_abs_s_cos", "max_abs_s_cos",
+                                  "constant_groups_sampled", "groups_resampled", "constant_groups_kept"]),
               "steering": _frame(steering, ["variant", "steps", "min_weight", "max_weight", "strictly_inside_bounds",
                                             "mean_weight_share_instruction", "mean_update_share_instruction",
-                                            "share_correlation", "share_steps"]),
+                                            "share_correlation", "share_steps",
+                                            "mean_update_share_instruction_equal_weights",
+                                            "share_moved_as_predicted", "counterfactual_steps"]),
               "table3_small_model": _frame(table3, TIDY_COLUMNS),
               "prm": _frame(prm_rows, TIDY_COLUMNS),
               "sft": _frame(sft_rows, ["metric", "value"]),
@@ -882,9 +910,15 @@ def build_report(*, out_dir: str, evaluations: Iterable[str], eval_items: Iterab
         Table("Active Orthogonality Control per variant",
               _frame([{"variant": r["variant"], "S_cos defined / steps": f"{r['s_cos_defined']} / {r['steps']}",
                        "penalty fired / defined": f"{r['fired']} / {r['s_cos_defined']}",
-                       "mean |S_cos|": _fmt(r["mean_abs_s_cos"]), "max |S_cos|": _fmt(r["max_abs_s_cos"])}
+                       "mean |S_cos|": _fmt(r["mean_abs_s_cos"]), "max |S_cos|": _fmt(r["max_abs_s_cos"]),
+                       "constant groups sampled / resampled / kept":
+                           "off" if r["groups_resampled"] is None else
+                           f"{r['constant_groups_sampled']} / {r['groups_resampled']} / {r['constant_groups_kept']}"}
                       for r in aoc]),
-              note="Fired: the step's aoc_fired flag (L_orth > 0 in dynamics files without it)."
+              note="Fired: the step's aoc_fired flag (L_orth > 0 in dynamics files without it). Constant "
+                   "groups: prompt groups whose G rewards were all equal (no gradient; S_cos undefined when "
+                   "every group of a capability is), how many fresh groups dynamic sampling drew "
+                   "(grpo.resample_constant_groups), and how many constant ones were left in the batch."
                    + (f" Threshold tau = {tau:g}." if tau is not None else "")),
         Table("Dynamic weights: bounds and the instruction share of the update",
               _frame([{"variant": r["variant"], "weights min / max": f"{_fmt(r['min_weight'])} / {_fmt(r['max_weight'])}",
@@ -892,12 +926,17 @@ def build_report(*, out_dir: str, evaluations: Iterable[str], eval_items: Iterab
                        "mean w_inst / sum w": _fmt(r["mean_weight_share_instruction"]),
                        "mean instruction share of sum |A|": _fmt(r["mean_update_share_instruction"]),
                        "r (share vs w_inst / sum w)": _fmt(r["share_correlation"]),
-                       "steps": r["share_steps"]} for r in steering]),
+                       "steps": r["share_steps"],
+                       "mean share at equal weights": _fmt(r["mean_update_share_instruction_equal_weights"]),
+                       "moved as eq. 11 predicts": (f"{r['share_moved_as_predicted']} / {r['counterfactual_steps']}"
+                                                    if r["counterfactual_steps"] else "–")} for r in steering]),
               note=(f"Bounds [{bounds[0]:g}, {bounds[1]:g}] (weights.min_weight, max_weight). " if bounds else "")
                    + "r: Pearson correlation of the instruction rows' share of sum |A| with w_inst / sum_k "
                      "w_k over the steps on which both capabilities had a policy gradient (a step whose "
                      "instruction groups all had constant rewards has a share of 0 whatever the weights); "
-                     "under eq. 11 the first follows the second. Undefined (–) for constant weights or "
+                     "under eq. 11 the first follows the second. Equal weights: the same batches' share "
+                     "had every weight been 1; eq. 11 predicts the applied share above it when "
+                     "w_inst / sum w > 1/K and below it when < 1/K. Undefined (–) for constant weights or "
                      "fewer than 3 such steps."),
         Table("Table 3: base vs BalancedBio",
               _frame([{"model": r["model"], "benchmark": r["benchmark"], "metric": r["metric"],

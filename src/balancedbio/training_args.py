@@ -8,7 +8,7 @@ defaults, types and help texts:
 - ``weights_<key>``, ``aoc_<key>``, ``ppo_<key>``, ``rewards_<key>``: every key of those
   config sections (``weights_kp`` is ``weights.kp``, ``aoc_mode`` is ``aoc.mode`` ...);
 - ``prompts_per_step``, ``max_prompts``, ``rollout_weights``, ``advantage_aggregation``,
-  ``advantage_std_floor``: the ``grpo`` keys TRL does not have. ``prompts_per_step`` sets
+  ``advantage_std_floor``, ``resample_constant_groups``: the ``grpo`` keys TRL does not have. ``prompts_per_step`` sets
   ``per_device_train_batch_size`` (= prompts_per_step * num_generations);
 - ``variant``, ``use_prm``, ``advantage_estimator``: what a variant changes besides those.
 
@@ -33,7 +33,7 @@ from balancedbio.defaults import _properties, schema_description
 # Config sections that become prefixed fields, and the grpo keys TRL has no field for.
 PREFIXED_SECTIONS = ("weights", "aoc", "ppo", "rewards")
 GRPO_EXTRA_KEYS = ("prompts_per_step", "max_prompts", "rollout_weights", "advantage_aggregation",
-                   "advantage_std_floor")
+                   "advantage_std_floor", "resample_constant_groups")
 FIELD_KEYS: dict[str, tuple[str, str]] = {}  # generated field -> (config section, key)
 
 
