@@ -51,6 +51,7 @@ from trl import GRPOTrainer
 
 from balancedbio.aoc import (Projector, add_gradients, average_across_ranks, cosine_from_gramian,
                              cosine_gradient_directions, dynamic_lambda, gramian, orthogonality_penalty)
+from balancedbio.models import lora_config, save_merged  # noqa: F401 (re-exported: recipes and bench use them)
 from balancedbio.ppo import CriticAdvantage
 from balancedbio.weights import WeightController, build_weight_controller
 
@@ -967,28 +968,6 @@ def grpo_config(settings: dict, output_dir: str, world_size: int = 1, deepspeed:
         log_completions=False,
         dataloader_num_workers=0,
     )
-
-
-def lora_config(training: dict):
-    from peft import LoraConfig
-
-    lora = training["lora"]
-    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                      target_modules=lora["target_modules"], task_type="CAUSAL_LM")
-
-
-def save_merged(trainer, tokenizer, out_dir: str, extra_files: dict[str, Any] | None = None) -> None:
-    """Merge LoRA (if any) into the weights and write a plain safetensors folder atomically."""
-    from balancedbio.io import atomic_dir
-
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        for name, obj in (extra_files or {}).items():
-            (Path(tmp) / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
 def build_trainer(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: str | None, output_dir: str,

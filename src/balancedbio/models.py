@@ -344,3 +344,24 @@ def chat_generate(model, tokenizer, messages: list[dict[str, str]], *, max_new_t
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def lora_config(training: dict):
+    """peft's ``LoraConfig`` of ``training.lora`` (SFT and GRPO train the same adapters)."""
+    from peft import LoraConfig
+
+    lora = training["lora"]
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                      target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+
+
+def save_merged(trainer, tokenizer, out_dir: str, extra_files: dict[str, Any] | None = None) -> None:
+    """Merge LoRA (if any) into the weights and write a plain safetensors folder atomically."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, obj in (extra_files or {}).items():
+            (Path(tmp) / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")

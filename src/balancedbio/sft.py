@@ -85,7 +85,7 @@ def run_sft(*, model_dir: str, sft_path: str, out_dir: str, metrics_path: str, l
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from balancedbio.grpo import lora_config, save_merged
+    from balancedbio.models import lora_config, save_merged
     from balancedbio.io import write_json
     from balancedbio.checkpoints import CompletionMarker, last_complete_checkpoint, training_fingerprint
     from balancedbio.models import bf16_autocast, load_causal_lm, load_tokenizer, training_dtype

@@ -30,7 +30,7 @@ rule sft:
         settings=json.dumps(sft_settings(config), sort_keys=True),
         # Not an output: Snakemake would delete it before a rerun, and resuming needs it.
         checkpoints="results/sft/checkpoints",
-        code=code_digest("sft.py", "grpo.py", "models.py", "train.py", "checkpoints.py"),
+        code=code_digest("sft.py", "models.py", "train.py", "checkpoints.py"),
     shell:
         "{params.launch} -m balancedbio.train sft --model {input.model} --data {input.data}"
         " --out {output.model} --metrics {output.metrics} --loss-plot {output.loss_plot}"
