@@ -400,16 +400,19 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
         return output
 
     # -- dynamic sampling: replace groups that carry no gradient (DAPO) ---------------------
+    @property
+    def _resample_rounds(self) -> int:
+        return int(getattr(self.args, "resample_constant_groups", 0) or 0)
+
     def _generate(self, prompts):
         result = super()._generate(prompts)
-        rounds = int(getattr(self.args, "resample_constant_groups", 0) or 0)
         inputs = getattr(self, "_generation_inputs", None)
-        if rounds and self.model.training and inputs is not None:
-            result = self._resample_constant_groups(prompts, inputs, result, rounds)
+        if self._resample_rounds and self.model.training and inputs is not None:
+            result = self._resample_constant_groups(prompts, inputs, result, self._resample_rounds)
         return result
 
     def _check_dynamic_sampling(self) -> None:
-        if not int(getattr(self.args, "resample_constant_groups", 0) or 0):
+        if not self._resample_rounds:
             return
         if self.rollout_func is not None or self.tools or self.environment_factories is not None:
             raise ValueError("grpo.resample_constant_groups replaces whole prompt groups of plain generation; it "
@@ -484,12 +487,11 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
         prompt_ids, completion_ids, completions = list(prompt_ids), list(completion_ids), list(completions)
         logprobs = list(logprobs) if logprobs is not None else None
         size = self.num_generations
-        snapshot = [(dict(f.stats), f.last_success) for f in self.reward_funcs if hasattr(f, "stats")]
+        snapshot = [(f, dict(f.stats), f.last_success) for f in self.reward_funcs if hasattr(f, "stats")]
         discarded = self._discarded_success
-        names = [getattr(f, "name", getattr(f, "__name__", str(f))) for f in self.reward_funcs]
 
         def discard(success: list, start: int) -> None:
-            for name, flags in zip(names, success):
+            for name, flags in zip(self.weight_controller.names, success):  # == the reward functions' names
                 discarded.setdefault(name, []).extend(flags[start:start + size])
 
         values, success = self._score_rows(inputs, prompts, completions, completion_ids)
@@ -509,34 +511,36 @@ class BalancedGRPOTrainer(StratifiedGRPOTrainer):
                 new_inputs = [dict(self.train_dataset[i]) for i in picks for _ in range(size)]
                 new_prompts = [row["prompt"] for row in new_inputs]
                 kept = {key: len(values_) for key, values_ in self._metrics["train"].items()}
-                new = super()._generate(new_prompts)
+                generated = super()._generate(new_prompts)
+                new_prompt_ids, new_completion_ids, _, new_completions, new_logprobs, *_ = generated
                 for key, length in kept.items():  # TRL's completion metrics describe the step's first sampling
                     del self._metrics["train"][key][length:]
                 drawn += need
-                new_values, new_success = self._score_rows(new_inputs, new_prompts, new[3], new[1])
+                new_values, new_success = self._score_rows(new_inputs, new_prompts, new_completions,
+                                                           new_completion_ids)
                 varied = [j for j in range(need) if not self._constant(new_values[j * size:(j + 1) * size])]
-                still = []
+                still, used = [], set()
                 for g in constant:
                     j = next((j for j in varied if capabilities[j] == inputs[g * size]["capability"]), None)
                     if j is None:
                         still.append(g)
                         continue
                     varied.remove(j)
+                    used.add(j)
                     discard(success, g * size)
                     rows, source = slice(g * size, (g + 1) * size), slice(j * size, (j + 1) * size)
                     inputs[rows], prompts[rows] = new_inputs[source], new_prompts[source]
-                    prompt_ids[rows], completion_ids[rows] = list(new[0])[source], list(new[1])[source]
-                    completions[rows] = list(new[3])[source]
+                    prompt_ids[rows], completion_ids[rows] = new_prompt_ids[source], new_completion_ids[source]
+                    completions[rows] = new_completions[source]
                     if logprobs is not None:
-                        logprobs[rows] = list(new[4])[source]
+                        logprobs[rows] = new_logprobs[source]
                     for flags, new_flags in zip(success, new_success):
                         flags[rows] = new_flags[source]
-                    new_success = [flags[:j * size] + [None] * size + flags[(j + 1) * size:] for flags in new_success]
-                for j in range(need):  # the candidates not used: their completions still sampled the policy
+                for j in set(range(need)) - used:  # candidates not used: their completions still sampled the policy
                     discard(new_success, j * size)
                 constant = still
         finally:
-            for func, (stats, last) in zip([f for f in self.reward_funcs if hasattr(f, "stats")], snapshot):
+            for func, stats, last in snapshot:
                 func.stats, func.last_success = stats, last
         totals = self._global_sum([constant_before, drawn, len(constant)])
         self._step_record.update(constant_groups_sampled=totals[0], groups_resampled=totals[1],
