@@ -15,7 +15,7 @@ import pytest
 
 from balancedbio.report import (RunData, aoc_rows, alignment_tax, build_report, comparison_rows, load_dynamics,
                                 load_heldout, load_results, minimum_detectable_effect, paired_difference,
-                                steering_findings, steering_rows)
+                                steering_findings, steering_rows, _mde_cell)
 from conftest import TEST_CONFIG, run_snakemake
 
 Z_SUM = 1.959963984540054 + 0.8416212335729143  # z_0.975 + z_0.80
@@ -201,6 +201,19 @@ def test_minimum_detectable_effect_from_the_discordance_of_paired_outcomes():
     diff = paired_difference(a, b)
     assert diff["value"] == pytest.approx(p10 - p01)
     assert diff["mde"] == pytest.approx(Z_SUM * math.sqrt(variance / n))
+
+
+def test_the_target_is_judged_only_from_enough_differing_items():
+    """One item of 32 that differs gives a small MDE (8.8 points) from a spread that one value
+    cannot estimate; the report says so instead of 'meets the target'."""
+    base = {str(i): 0.0 for i in range(32)}
+    one = paired_difference({**base, "0": 1.0}, base)
+    assert one["discordant"] == 1 and one["mde"] < 0.10
+    assert "too few to judge the 10-pt target" in _mde_cell(one, 0.10)
+    eight = paired_difference({**base, **{str(i): 1.0 for i in range(8)}}, base)
+    assert eight["mde"] > 0.10 and _mde_cell(eight, 0.10).endswith("(misses the 10-pt target)")
+    many = paired_difference({str(i): float(i % 2) for i in range(400)}, {str(i): float(i % 3 == 0) for i in range(400)})
+    assert many["mde"] < 0.10 and _mde_cell(many, 0.10).endswith("(meets the 10-pt target)")
 
 
 # -- tables from the fixture -------------------------------------------------------------------
