@@ -44,8 +44,8 @@ COMPARISONS = (("sft", "base"), ("grpo_full", "sft"), ("grpo_full", "base"), ("g
 # Issue 15's powered-evaluation targets: a 5-point medical and a 10-point instruction difference.
 TARGET_MDE = {"biomed": 0.05, "ifeval": 0.10, "ifbench": 0.10}
 # Below this many items that differ, the spread of the paired differences (and so the MDE) is
-# estimated from too few values to say whether a sample size meets its target: at n = 32 one
-# discordant item gives an MDE of 8.8 points, five give ~20.
+# estimated from too few values to say that a sample size meets its target: at n = 32 one
+# differing item gives an MDE of 8.8 points, four give 17.5.
 MIN_DISCORDANT_FOR_TARGET = 5
 
 
@@ -732,11 +732,14 @@ def _mde_cell(diff: dict | None, target: float | None, accuracy: bool = True) ->
     if diff["mde"] is None:
         return "undefined (constant differences)" if diff["ci_low"] is not None else "–"
     text = _scaled(diff["mde"], accuracy).lstrip("+")
-    if target is not None and diff["discordant"] < MIN_DISCORDANT_FOR_TARGET:
-        text += f" (from {diff['discordant']} differing items: too few to judge the {100 * target:.0f}-pt target)"
-    elif target is not None:
-        text += f" ({'meets' if diff['mde'] <= target else 'misses'} the {100 * target:.0f}-pt target)"
-    return text
+    if target is None:
+        return text
+    if diff["mde"] > target:  # few differing items understate the spread, so a miss stays a miss
+        return text + f" (misses the {100 * target:.0f}-pt target)"
+    if diff["discordant"] < MIN_DISCORDANT_FOR_TARGET:
+        items = "item" if diff["discordant"] == 1 else "items"
+        return text + f" (from {diff['discordant']} differing {items}: too few to judge the {100 * target:.0f}-pt target)"
+    return text + f" (meets the {100 * target:.0f}-pt target)"
 
 
 def _significant(by_pair: dict, capability: str, sign: int) -> bool:
