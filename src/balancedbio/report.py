@@ -734,12 +734,13 @@ def _mde_cell(diff: dict | None, target: float | None, accuracy: bool = True) ->
     text = _scaled(diff["mde"], accuracy).lstrip("+")
     if target is None:
         return text
+    goal = f"the {100 * target:.0f}-pt target"
     if diff["mde"] > target:  # few differing items understate the spread, so a miss stays a miss
-        return text + f" (misses the {100 * target:.0f}-pt target)"
+        return f"{text} (misses {goal})"
     if diff["discordant"] < MIN_DISCORDANT_FOR_TARGET:
         items = "item" if diff["discordant"] == 1 else "items"
-        return text + f" (from {diff['discordant']} differing {items}: too few to judge the {100 * target:.0f}-pt target)"
-    return text + f" (meets the {100 * target:.0f}-pt target)"
+        return f"{text} (from {diff['discordant']} differing {items}: too few to judge {goal})"
+    return f"{text} (meets {goal})"
 
 
 def _significant(by_pair: dict, capability: str, sign: int) -> bool:
