@@ -51,7 +51,7 @@ rule grpo:
         # Every module a GRPO job's results depend on (the answer parser and the step splitter
         # shape the rewards; the rollout copy, the typed config and the models module the run).
         code=code_digest(
-            "grpo.py",
+            "grpo",
             "ppo.py",
             "aoc.py",
             "weights.py",
