@@ -46,6 +46,6 @@ rule report:
     params:
         config=config,
         out_dir=lambda wildcards, output: os.path.dirname(output.html),
-        code=code_digest("report.py", "templates/report.md.j2", "templates/report.html.j2"),
+        code=code_digest("report", "templates/report.md.j2", "templates/report.html.j2"),
     script:
         "../scripts/report.py"
