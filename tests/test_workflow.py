@@ -168,7 +168,7 @@ def test_variant_names_have_one_definition():
 
     from balancedbio.variants import ABLATION_VARIANTS, DEFAULT_VARIANTS, VARIANT_PATTERN
 
-    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    schema = yaml.safe_load((REPO / "src" / "balancedbio" / "schemas" / "config.schema.yaml").read_text())
     schema_pattern = schema["properties"]["grpo"]["properties"]["variants"]["items"]["pattern"]
     for name in (*DEFAULT_VARIANTS, *ABLATION_VARIANTS, "g4", "g16"):
         assert re.fullmatch(VARIANT_PATTERN, name) and re.search(schema_pattern, name), name

@@ -18,7 +18,7 @@ from balancedbio.models import ModelResolutionError, resolve_model
 
 BENCHMARKS_DIR_ENV = "BALANCEDBIO_BENCHMARKS_DIR"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+from balancedbio.defaults import SCHEMA_PATH  # noqa: E402 (package data)
 
 
 class ConfigError(ValueError):

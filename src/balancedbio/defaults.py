@@ -1,6 +1,6 @@
 """The config schema's defaults, read where code needs one (the schema is their only source).
 
-``workflow/schemas/config.schema.yaml`` gives every key its default; Snakemake and
+``balancedbio/schemas/config.schema.yaml`` (package data) gives every key its default; Snakemake and
 ``balancedbio.config.load_config`` fill them into a run's config. Code that also runs without
 a filled config (the typed ``BalancedGRPOConfig``, partial dicts in tests and notebooks) reads
 them from here instead of repeating the numbers. Free of torch imports, like ``variants``.
@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import copy
 import functools
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+# Package data (importlib.resources), so a wheel or a non-editable install finds it too;
+# workflow/schemas/config.schema.yaml is a link to this file for Snakemake's validate().
+SCHEMA_PATH = Path(str(resources.files("balancedbio") / "schemas" / "config.schema.yaml"))
 
 
 @functools.lru_cache(maxsize=1)
