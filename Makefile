@@ -13,7 +13,7 @@ PYTEST_ARGS    ?=
 
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install browser run test dryrun lint lock clean
+.PHONY: install browser run test test-fast dryrun lint lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ browser:
 
 test: install browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fast loop while editing: no `slow` test, and none of the unmarked end-to-end ones (real
+# trainers in subprocesses: the two-process AOC runs, the SIGKILL/resume run). CI runs `make test`.
+FAST_DESELECT := --deselect tests/test_distributed.py \
+	--deselect tests/test_faults.py::test_stale_checkpoint_is_not_resumed_and_a_second_trainer_is_refused
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(FAST_DESELECT) $(PYTEST_ARGS)
 
 dryrun: install
 	$(BIN)/snakemake -n --configfile $(CONFIG) $(SNAKEMAKE_ARGS)
