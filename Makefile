@@ -13,7 +13,7 @@ PYTEST_ARGS    ?=
 
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install browser run test test-fast dryrun lint lock clean
+.PHONY: install browser slurm run test test-fast dryrun lint lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,13 @@ browser:
 	    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; }; }; } || \
 	  echo "chromium could not be installed: the report's browser test will be skipped"
 
-test: install browser
+# Debian's slurm-wlm and munge for the local single-node SLURM test (tests/test_slurm.py; skipped,
+# with a message, without them). The package list lives in the script.
+slurm:
+	@bash profiles/slurm/local-cluster.sh install >/dev/null 2>&1 || \
+	  echo "slurm-wlm could not be installed: the local SLURM test will be skipped"
+
+test: install browser slurm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The fast loop while editing: no `slow` test, and none of the unmarked end-to-end ones (real
