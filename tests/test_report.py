@@ -425,3 +425,24 @@ def test_the_target_is_not_judged_without_ifbench(run_dir, tmp_path):
     assert "cannot be judged (IFBench prompt strict not evaluated for both)" in target
     assert any(line.startswith("grpo_full minus base, IFBench prompt strict: not computable")
                for line in summary["findings"])
+
+
+def test_html_report_escapes_text_from_the_config_and_from_result_files(run_dir, tmp_path):
+    """A config string and strings read from result files reach the page as text, never as markup;
+    the Markdown report keeps them verbatim (it is not HTML)."""
+    attack = '</pre><script>alert("x")</script>'
+    skipped = run_dir / "eval" / "base" / "cmexam.json"
+    skipped.write_text(json.dumps({**json.loads(skipped.read_text()), "reason": f"missing {attack}"}))
+    mmlu = run_dir / "eval" / "grpo_full" / "mmlu_med.json"
+    result = json.loads(mmlu.read_text())
+    result["per_subject"][f"anatomy{attack}"] = result["per_subject"].pop("anatomy")
+    mmlu.write_text(json.dumps(result))
+    out = tmp_path / "report"
+    build_report(out_dir=str(out), **_inputs(run_dir), config={"run_name": f"run{attack}", "seed": 1,
+                                                             "model": {"source": f"embedded:{attack}"}})
+    html = (out / "report.html").read_text()
+    assert "<script>alert" not in html and "</pre><script>" not in html
+    assert html.count("&lt;script&gt;alert(") >= 4  # title, run line, model line, skipped reason, subject
+    assert html.count("<script>") == 1  # only the template's own figure-count script
+    markdown = (out / "report.md").read_text()
+    assert f"run{attack}" in markdown and "&lt;" not in markdown and "&#34;" not in markdown

@@ -20,9 +20,12 @@ log = logging.getLogger(__name__)
 def _templates():
     from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
+    # Escape by the template's full suffix: select_autoescape(["html"]) does not match
+    # "report.html.j2", which left config and result text unescaped in the page. Markdown stays raw.
     return Environment(loader=PackageLoader("balancedbio", "templates"), undefined=StrictUndefined,
-                       autoescape=select_autoescape(["html"]), keep_trailing_newline=True, trim_blocks=True,
-                       lstrip_blocks=True)
+                       autoescape=select_autoescape(enabled_extensions=("html.j2",), disabled_extensions=("md.j2",),
+                                                    default_for_string=False, default=False),
+                       keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
 
 
 def build_report(*, out_dir: str, evaluations: Iterable[str], eval_items: Iterable[str] = (),
