@@ -176,7 +176,7 @@ def test_a_library_logging_a_huge_completion_is_cut_in_the_rule_log(tmp_path):
 
 
 def test_a_torn_last_dynamics_line_is_dropped_with_a_warning_on_resume(tmp_path, caplog):
-    from balancedbio.grpo import truncate_dynamics
+    from balancedbio.checkpoints import truncate_step_log as truncate_dynamics
 
     path = tmp_path / "dynamics.jsonl"
     lines = [json.dumps({"step": step, "loss": 0.1 * step}) for step in (1, 2, 3)]

@@ -30,7 +30,8 @@ def _tokenizer():
                                    eos_token="<eos>")
 
 
-def make_trainer(tmp_path, mode: str, controller=None, advantage_aggregation=None, **aoc) -> BalancedGRPOTrainer:
+def make_trainer(tmp_path, mode: str, controller=None, advantage_aggregation=None, grpo_args=None,
+                 **aoc) -> BalancedGRPOTrainer:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
@@ -41,8 +42,8 @@ def make_trainer(tmp_path, mode: str, controller=None, advantage_aggregation=Non
         {"prompt": "w3 w4", "capability": "instruction", "answer": None},
     ])
     args = GRPOConfig(output_dir=str(tmp_path / mode), per_device_train_batch_size=4, num_generations=2,
-                      beta=0.0, max_completion_length=4, loss_type="grpo", report_to=[], use_cpu=True,
-                      logging_steps=1)
+                      beta=0.0, max_completion_length=4, loss_type="grpo", use_cpu=True, logging_steps=1,
+                      **{"report_to": [], **(grpo_args or {})})
     trainer = BalancedGRPOTrainer(model=model, reward_funcs=[AccuracyReward(), InstructionReward()], args=args,
                                   train_dataset=dataset, processing_class=_tokenizer(),
                                   weight_controller=controller or PIDWeights(["accuracy", "instruction"]),
@@ -352,3 +353,73 @@ def test_dynamic_sampling_keeps_a_group_no_draw_could_fix(tmp_path):
     assert [row["prompt"] for row in rows][2:] == ["w3 w4", "w3 w4"]  # not swapped for another constant one
     # The rate counts the two discarded candidate groups as well: 6 of 6 instruction completions passed.
     assert record["batch_success_instruction"] == pytest.approx(1.0)
+
+
+# -- the method's signals in TRL's metrics: every tracker, the log history, dynamics.jsonl ------------
+def _scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_a_training_run_sends_weights_success_and_s_cos_to_tensorboard_and_the_dynamics(tmp_path):
+    from balancedbio.grpo import dynamics_rows
+    from balancedbio.tracking import keep_tensorboard_events
+
+    # A real 2-step run of the tiny model; AOC in monitor mode measures S_cos on every step, and both
+    # groups' rewards vary (1, 0), so it is defined.
+    trainer = make_trainer(tmp_path / "run", "monitor", grpo_args={"report_to": ["tensorboard"], "max_steps": 2})
+    trainer.reward_funcs = [ScriptedReward("accuracy", "medical", set()),
+                            ScriptedReward("instruction", "instruction", set())]
+    folder = keep_tensorboard_events(trainer, tmp_path / "run" / "checkpoints")
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2]
+    scalars = _scalars(folder)
+    for tag in ("weights/accuracy", "weights/instruction", "success/accuracy", "success/instruction",
+                "success/batch_accuracy", "aoc/s_cos", "aoc/l_orth", "aoc/fired",
+                "weights/update_share_instruction", "weights/update_share_instruction_equal_weights"):
+        assert [step for step, _ in scalars[f"train/{tag}"]] == [1, 2], tag
+        assert [value for _, value in scalars[f"train/{tag}"]] == pytest.approx([e[tag] for e in logged]), tag
+    # One success of two per capability and batch: S_k = 0.5 both, so the PID weights stay at 1.
+    assert [e["success/batch_instruction"] for e in logged] == [0.5, 0.5]
+    assert all(-1.0 <= e["aoc/s_cos"] <= 1.0 and e["aoc/fired"] == 0.0 for e in logged)  # monitor never fires
+
+    rows = dynamics_rows(trainer.state.log_history, ["accuracy", "instruction"])
+    assert [row["step"] for row in rows] == [1, 2]
+    for row, entry in zip(rows, logged):
+        assert row["s_cos"] == entry["aoc/s_cos"] and row["aoc_fired"] is False and row["l_orth"] == 0.0
+        assert row["weight_accuracy"] == entry["weights/accuracy"] == 1.0
+        assert row["success_instruction"] == entry["success/instruction"]
+        assert row["batch_success_accuracy"] == 0.5 and row["reward_accuracy"] == entry["rewards/accuracy/mean"]
+        assert row["entropy"] == entry["entropy"] and row["loss"] == entry["loss"] and "kl" not in row  # beta 0
+        assert row["update_share_instruction"] == entry["weights/update_share_instruction"]
+
+
+def test_signals_survive_trl_averaging_and_come_back_under_their_old_names():
+    from collections import defaultdict
+
+    from balancedbio.grpo.signals import dynamics_rows, flush_signals, metric_key, record_name
+
+    names = ["weight_accuracy", "error_reasoning", "success_instruction", "batch_success_accuracy", "s_cos",
+             "l_orth", "aoc_lambda", "aoc_fired", "aoc_note", "grad_norm_medical", "update_share_instruction",
+             "update_share_instruction_equal_weights", "constant_groups_sampled", "groups_resampled"]
+    assert [record_name(metric_key(name)) for name in names] == names
+    assert record_name("sampling/importance_sampling_ratio/min") is None and record_name("kl") is None
+    metrics, text = defaultdict(list), {}
+    # Two steps of one logging window: S_cos undefined on the first (NaN) must not drag the second.
+    flush_signals({"s_cos": math.nan, "aoc_fired": False, "batch_success_reasoning": None,
+                   "aoc_note": "single capability", "constant_groups_sampled": 3}, metrics, text)
+    flush_signals({"s_cos": -0.25, "aoc_fired": True, "batch_success_reasoning": None,
+                   "projection_weights": [0.75, 1.0], "constant_groups_sampled": 1}, metrics, text)
+    assert text == {"aoc/note": "single capability"}
+    # What TRL's GRPOTrainer.log does with each list: the mean of the non-NaN values, None when none.
+    averaged = {key: (sum(v for v in values if not math.isnan(v)) / n if (n := sum(not math.isnan(v) for v in values))
+                      else None) for key, values in metrics.items()}
+    assert averaged["aoc/s_cos"] == -0.25 and averaged["success/batch_reasoning"] is None
+    row, = dynamics_rows([{"loss": 0.5, "step": 2, "epoch": 1.0, **averaged, **text}], ["reasoning"])
+    assert row == {"step": 2, "epoch": 1.0, "loss": 0.5, "s_cos": -0.25, "aoc_fired": True, "l_orth": None,
+                   "batch_success_reasoning": None, "aoc_note": "single capability", "constant_groups_sampled": 2,
+                   "projection_weights": [0.75, 1.0]}

@@ -10,60 +10,15 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-from transformers import TrainerCallback
-
+from balancedbio.grpo.signals import dynamics_rows
 from balancedbio.grpo.trainer import BalancedGRPOTrainer, CriticAdvantageTrainer, StratifiedGRPOTrainer
 from balancedbio.models import lora_config, save_merged
+from balancedbio.tracking import keep_tensorboard_events
 from balancedbio.weights import build_weight_controller
 
 log = logging.getLogger(__name__)
-
-
-# Keys of TRL's logs copied into dynamics.jsonl, under shorter names.
-_TRL_LOG_KEYS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm", "reward": "reward",
-                 "reward_std": "reward_std", "kl": "kl", "entropy": "entropy",
-                 "clip_ratio/region_mean": "clip_fraction", "completions/mean_length": "completion_length",
-                 "step_time": "step_seconds", "frac_reward_zero_std": "frac_reward_zero_std",
-                 "value_loss": "value_loss"}
-
-
-class DynamicsWriter(TrainerCallback):
-    """Appends one JSON line per logged training step (``logging_steps=1``: every step)."""
-
-    def __init__(self, path: str | os.PathLike, trainer_ref: list):
-        self.path = Path(path)
-        self.trainer_ref = trainer_ref  # filled once the trainer exists (callbacks come first)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "loss" not in logs or not self.trainer_ref or not state.is_world_process_zero:
-            return
-        trainer = self.trainer_ref[0]
-        row: dict[str, Any] = {"step": state.global_step, "epoch": logs.get("epoch")}
-        for key, name in _TRL_LOG_KEYS.items():
-            if key in logs:
-                row[name] = logs[key]
-        for func in trainer.weight_controller.names:
-            if f"rewards/{func}/mean" in logs:
-                row[f"reward_{func}"] = logs[f"rewards/{func}/mean"]
-        row.update(trainer.pop_step_record())
-        row.setdefault("s_cos", None)
-        row.setdefault("l_orth", None)
-        row.setdefault("aoc_fired", None)
-        row = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-
-
-def truncate_dynamics(path: Path, last_step: int) -> None:
-    """Drop lines past the checkpoint a run resumes from (they will be recomputed); a torn line too."""
-    from balancedbio.checkpoints import truncate_step_log
-
-    truncate_step_log(path, last_step)
 
 
 def build_prompt_dataset(mcq_path: str, prompts_path: str, *, max_prompts: int | None = None, seed: int = 0):
@@ -190,25 +145,21 @@ def run_grpo(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: str |
         args.output_dir = str(checkpoint_root)  # checkpoints and resume live there
     set_seed(args.seed)
     checkpoint_root.mkdir(parents=True, exist_ok=True)
-    live_dynamics = checkpoint_root / "dynamics.jsonl"
     # Resume only a checkpoint of this very run (same settings and inputs); claims the folder.
     fingerprint = training_fingerprint(settings if settings is not None else args.to_dict(), {"model": model_dir, "mcq": mcq_path, "prompts": prompts_path,
                                                   "prm": prm_dir})
     last = last_complete_checkpoint(checkpoint_root, fingerprint)
     if last:
         step = int(Path(last).name.split("-")[-1])
+        # The checkpoint's trainer_state.json holds the log history up to it: the dynamics resume with it.
         log.info("resuming %s from %s (step %d)", args.variant, last, step)
-        truncate_dynamics(live_dynamics, step)
-    else:
-        live_dynamics.unlink(missing_ok=True)
 
-    trainer_ref: list = []
     trainer, tokenizer = build_trainer(
         model_dir=model_dir, mcq_path=mcq_path, prompts_path=prompts_path, prm_dir=prm_dir, args=args,
         peft_config=peft_config, trust_remote_code=trust_remote_code, output_dir=str(checkpoint_root),
-        callbacks=[DynamicsWriter(live_dynamics, trainer_ref), CompletionMarker(fingerprint), *callbacks])
+        callbacks=[CompletionMarker(fingerprint), *callbacks])
+    keep_tensorboard_events(trainer, checkpoint_root)
     controller, reward_funcs, dataset = trainer.weight_controller, trainer.reward_funcs, trainer.train_dataset
-    trainer_ref.append(trainer)
     log.info("GRPO %s: %d prompts (%d medical), G=%d, %d prompts/step, %d steps, weights=%s, aoc=%s, "
              "advantages=%s", args.variant, len(dataset), sum(c == "medical" for c in dataset["capability"]),
              args.num_generations, args.prompts_per_step, args.max_steps, args.weights_mode, args.aoc_mode,
@@ -225,7 +176,8 @@ def run_grpo(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: str |
         from balancedbio.io import atomic_file
 
         with atomic_file(dynamics_path) as handle:
-            handle.write(live_dynamics.read_text(encoding="utf-8"))
+            for row in dynamics_rows(trainer.state.log_history, controller.names):
+                handle.write(json.dumps(row) + "\n")
         shutil.rmtree(checkpoint_root, ignore_errors=True)
     return summary
 

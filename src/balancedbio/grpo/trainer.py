@@ -25,8 +25,10 @@ the reference policy); this subclass adds:
   These gradients and probes run in fp32 (autocast off). Under DDP/DeepSpeed they are averaged
   across ranks before S_cos, every branch is taken from the averaged values, and the update is
   one ``accelerator.backward`` (see ``orthogonality_step``).
-- One JSON line per optimizer step in ``dynamics.jsonl`` and checkpoints that carry the
-  controller state, so a killed run resumes where it stopped.
+- The method's signals (w_k, S_k, S_cos, L_orth, the instruction share, dynamic sampling's
+  counts) go to TRL's metrics under ``weights/``, ``success/``, ``aoc/`` and ``sampling/``
+  (``grpo.signals``): every ``report_to`` tracker and ``state.log_history`` get them, and
+  checkpoints carry the controller state, so a killed run resumes where it stopped.
 """
 
 
@@ -46,6 +48,7 @@ from balancedbio.grpo.advantages import ADVANTAGE_AGGREGATIONS, _instruction_sha
 from balancedbio.grpo.aoc import OrthogonalityMixin
 from balancedbio.grpo.dynamic_sampling import DynamicSamplingMixin
 from balancedbio.grpo.sampler import StratifiedRepeatSampler
+from balancedbio.grpo.signals import flush_signals
 from balancedbio.ppo import CriticAdvantage
 from balancedbio.weights import WeightController
 
@@ -136,7 +139,9 @@ class BalancedGRPOTrainer(DynamicSamplingMixin, OrthogonalityMixin, StratifiedGR
         self._aoc_through_backward = distributed
         self.projector = Projector(self.aoc["projection"], self.aoc["gradvac_beta"]) \
             if self.aoc["mode"] == "project" else None
+        # This step's signals, by short name (the mixins write here too); flushed into TRL's metrics.
         self._step_record: dict[str, Any] = {}
+        self._signal_text: dict[str, str] = {}
         self._check_dynamic_sampling()
 
     # -- dynamic weights and advantages --------------------------------------------------
@@ -211,8 +216,21 @@ class BalancedGRPOTrainer(DynamicSamplingMixin, OrthogonalityMixin, StratifiedGR
 
     # -- logging, checkpoints -----------------------------------------------------------------
     def pop_step_record(self) -> dict:
+        """The signals written since the last flush (by short name), and a fresh record."""
         record, self._step_record = self._step_record, {}
         return record
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Once per micro-step, like TRL's own metrics: log() then averages them over the logging window.
+        flush_signals(self.pop_step_record(), self._metrics["train"], self._signal_text)
+        return loss
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if self.model.training and self._signal_text:  # text (aoc/note): the window's last, as it is
+            logs.update(self._signal_text)
+            self._signal_text = {}
+        super().log(logs, start_time)
 
     def extra_state(self) -> dict:
         return {"weights": self.weight_controller.state_dict()}
