@@ -13,9 +13,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from balancedbio.report import (RunData, aoc_rows, alignment_tax, build_report, comparison_rows, load_dynamics,
-                                load_heldout, load_results, minimum_detectable_effect, paired_difference,
-                                steering_findings, steering_rows, _mde_cell)
+from balancedbio.report import (RunData, aoc_rows, alignment_tax, build_report, comparison_rows, detection_factor,
+                                load_dynamics, load_heldout, load_results, minimum_detectable_effect, paired_difference,
+                                significance_class, steering_findings, steering_rows, wilson_interval, _mde_cell)
 from conftest import TEST_CONFIG, run_snakemake
 
 Z_SUM = 1.959963984540054 + 0.8416212335729143  # z_0.975 + z_0.80
@@ -191,8 +191,14 @@ def test_paired_difference_interval_contains_zero_for_balanced_discordance():
 
 
 def test_minimum_detectable_effect_from_the_discordance_of_paired_outcomes():
-    assert minimum_detectable_effect(0.05) == pytest.approx(Z_SUM * 0.05)
-    assert minimum_detectable_effect(0.05, power=0.5) == pytest.approx(1.959964 * 0.05, rel=1e-6)
+    assert detection_factor() == pytest.approx(Z_SUM, rel=1e-12)
+    assert detection_factor(power=0.5) == pytest.approx(1.959964, rel=1e-6)
+    assert minimum_detectable_effect(400, 0.1) == pytest.approx(Z_SUM * math.sqrt(0.1 / 400))
+    # Balanced discordance (10 items only a right, 10 only b): the report's MDE from the observed
+    # spread is the planning formula's at the same discordance, up to the sample variance's n / (n - 1).
+    a = {str(i): float(i < 10 or i >= 150) for i in range(200)}
+    b = {str(i): float(10 <= i < 20 or i >= 150) for i in range(200)}
+    assert paired_difference(a, b)["mde"] == pytest.approx(minimum_detectable_effect(200, 0.1) * math.sqrt(200 / 199))
     # n = 200 pairs: 20 only a right (p10 = 0.1), 10 only b right (p01 = 0.05).
     n, p10, p01 = 200, 0.1, 0.05
     a = {str(i): float(i < 20 or i >= 150) for i in range(n)}
@@ -446,3 +452,50 @@ def test_html_report_escapes_text_from_the_config_and_from_result_files(run_dir,
     assert html.count("<script>") == 1  # only the template's own figure-count script
     markdown = (out / "report.md").read_text()
     assert f"run{attack}" in markdown and "&lt;" not in markdown and "&#34;" not in markdown
+
+
+def test_wilson_interval_is_scipys_and_refuses_a_share_that_is_not_a_count():
+    z = 1.959963984540054
+    for successes, n in ((0, 5), (3, 7), (12, 12), (157, 400)):
+        p = successes / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        assert wilson_interval(p, n) == pytest.approx([max(0.0, centre - half), min(1.0, centre + half)], abs=1e-12)
+    assert all(math.isnan(v) for v in wilson_interval(math.nan, 0))
+    with pytest.raises(ValueError, match="not a count"):
+        wilson_interval(0.55, 7)
+
+
+def test_significance_class_says_better_or_worse_in_the_direction_that_is_good():
+    gain = {"value": 0.2, "ci_low": 0.1, "ci_high": 0.3, "significant": True}
+    assert significance_class(gain) == "sig-better"
+    assert significance_class(gain, better_sign=-1) == "sig-worse"  # a positive alignment tax is a loss
+    assert significance_class({**gain, "ci_low": -0.1, "significant": False}) == "not-sig"
+    assert significance_class({**gain, "ci_low": None, "ci_high": None}) == ""
+    assert significance_class(None) == ""
+
+
+def test_html_leads_with_a_three_line_verdict_and_the_differences_figure(run_dir, tmp_path):
+    out = tmp_path / "report"
+    _build(run_dir, out)
+    html = (out / "report.html").read_text()
+    verdict = re.search(r'<ul class="verdict">(.*?)</ul>', html, re.S).group(1)
+    lines = re.findall(r'<li class="(\w+)">(.*?)</li>', verdict)
+    assert len(lines) == 3
+    assert lines[0][0] == "good" and lines[0][1].startswith("Target met: grpo_full gains significantly over base on "
+                                                            "kg_mcq accuracy, held-out accuracy reward")
+    assert "BIOMED +33.3 [+0.0, +66.7] n.s.; IFEval strict -25.0" in lines[1][1]
+    assert lines[2][1].startswith("Dynamic vs static weights (grpo_full minus grpo_static_weights): significant on")
+    # The verdict, then the differences figure, then the findings folded away, then the first table.
+    first_image = html.index("<img")
+    assert html.index('<ul class="verdict">') < first_image < html.index("<details>") < html.index("<table")
+    assert html[first_image:first_image + 60].startswith('<img class="figure" alt="differences"')
+    assert "All findings in full (14)" in html
+    # Significance at a glance: kg_mcq +75 is better, the held-out instruction reward -0.100 of
+    # grpo_full against sft is worse, an interval containing 0 is greyed.
+    assert '<td class="sig-better">▲ +75.0 [+' in html
+    assert '<td class="sig-worse">▼ -0.100 [-0.100, -0.100]</td>' in html
+    assert re.search(r'<td class="not-sig">-25\.0 \[-75\.0, \+0\.0\] n\.s\.</td>', html)
+    assert '<td class="not-sig">+25.0 [+0.0, +75.0] n.s.</td>' in html  # grpo_full's IFEval alignment tax
+    markdown = (out / "report.md").read_text()
+    assert "▲" not in markdown and "## Verdict" in markdown and "- Target met:" in markdown

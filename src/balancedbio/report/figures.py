@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from balancedbio.evaluation import wilson_interval
-from balancedbio.report.load import CAPABILITIES, CAPABILITY, IF_BENCHMARKS, RunData, _instruction_items, _medical_items
-from balancedbio.report.stats import pooled
+from balancedbio.report.load import COMPARED_CAPABILITIES, COMPARED_CAPABILITY, IF_BENCHMARKS, RunData, _instruction_items, _medical_items
+from balancedbio.report.stats import pooled, wilson_interval
 from balancedbio.report.tables import _fired
+
 
 def _save(path: Path, fig) -> None:
     from balancedbio.io import save_figure
@@ -140,7 +140,7 @@ def make_figures(data: RunData, comparisons: list[dict], fig_dir: Path, tau: flo
                          "accuracy: up and right is better.")
 
     if comparisons:
-        caps = [c for c in CAPABILITIES if any(r["capability"] == c.key and r["diff"] for r in comparisons)]
+        caps = [c for c in COMPARED_CAPABILITIES if any(r["capability"] == c.key and r["diff"] for r in comparisons)]
         labels = list(dict.fromkeys(f"{_short(r['first'])} - {_short(r['second'])}" for r in comparisons))
         if caps:
             ncols = min(3, len(caps))
@@ -155,7 +155,9 @@ def make_figures(data: RunData, comparisons: list[dict], fig_dir: Path, tau: flo
                     diff = row and row["diff"]
                     if not diff or diff["ci_low"] is None:
                         continue
-                    color = "tab:red" if diff["significant"] else "tab:blue"
+                    # The tables' colours: green / red where the interval excludes 0, grey where not.
+                    color = ("tab:gray" if not diff["significant"] else "tab:green" if diff["value"] > 0
+                             else "tab:red")
                     ax.errorbar(scale * diff["value"], position, xerr=[[scale * (diff["value"] - diff["ci_low"])],
                                                                        [scale * (diff["ci_high"] - diff["value"])]],
                                 fmt="o", color=color, capsize=3)
@@ -168,7 +170,8 @@ def make_figures(data: RunData, comparisons: list[dict], fig_dir: Path, tau: flo
                 ax.grid(alpha=0.3, axis="x")
             for ax in np.ravel(axes)[len(caps):]:
                 ax.set_visible(False)
-            fig.suptitle("Paired differences with 95% CIs (red: the interval excludes 0)", fontsize=11)
+            fig.suptitle("Paired differences with 95% CIs (green: first significantly higher, red: lower, "
+                         "grey: the interval contains 0)", fontsize=11)
             _save(fig_dir / "differences.png", fig)
             figures["differences"] = "Paired difference per capability and comparison (first minus second)."
 
@@ -177,7 +180,7 @@ def make_figures(data: RunData, comparisons: list[dict], fig_dir: Path, tau: flo
         fig, axes = _figure(plt, width=6, height=3.6)
         ax = axes[0][0]
         sizes = sorted(sweep)
-        for cap in (CAPABILITY["biomed"], CAPABILITY["ifeval"], CAPABILITY["ifbench"]):
+        for cap in (COMPARED_CAPABILITY["biomed"], COMPARED_CAPABILITY["ifeval"], COMPARED_CAPABILITY["ifbench"]):
             values = [pooled(cap.scores(data, sweep[g])) for g in sizes]
             if any(v is not None for v in values):
                 ax.plot(sizes, [math.nan if v is None else v for v in values], marker="o", label=cap.label)
@@ -191,7 +194,4 @@ def make_figures(data: RunData, comparisons: list[dict], fig_dir: Path, tau: flo
         _save(fig_dir / "group_size.png", fig)
         figures["group_size"] = "Accuracy against the GRPO group size G."
     return figures
-
-
-# -- tables for the page ---------------------------------------------------------------------
 

@@ -1,4 +1,7 @@
-"""Reading the run's result files into ``RunData``; what each capability's items are."""
+"""Reading the run's declared result files into ``RunData`` and tidy DataFrames, and the
+compared capabilities (``COMPARED_CAPABILITIES``: what the report compares between models, item
+by item). Not to be confused with ``balancedbio.grpo.sampler.CAPABILITIES``, the two prompt
+kinds GRPO trains on."""
 
 from __future__ import annotations
 
@@ -120,6 +123,40 @@ class RunData:
         return result if result and result.get("status") == "ok" else None
 
 
+# -- tidy frames: one row per (model, benchmark, metric) ----------------------------------------
+
+def results_frame(data: RunData):
+    """Every metric of every evaluated result as one tidy DataFrame (``TIDY_COLUMNS``); the
+    instruction-level metrics count instructions, the others items."""
+    import pandas as pd
+
+    rows = []
+    for model in data.models:
+        for benchmark, result in sorted(data.results.get(model, {}).items()):
+            if result.get("status") != "ok":
+                continue
+            for metric, value in result["metrics"].items():
+                if not isinstance(value, dict):
+                    continue
+                n = result["metrics"].get("n_instructions") if metric.startswith("inst_") else result["n"]
+                rows.append({"model": model, "benchmark": benchmark, "metric": metric, "value": value["value"],
+                             "n": n, "ci_low": value["ci95"][0], "ci_high": value["ci95"][1]})
+    return pd.DataFrame(rows, columns=TIDY_COLUMNS)
+
+
+def subjects_frame(data: RunData):
+    """MMLU-med accuracy per subject (benchmark ``mmlu_med/<subject>``), tidy like ``results_frame``."""
+    import pandas as pd
+
+    rows = []
+    for model in data.models:
+        mmlu = data.result(model, "mmlu_med")
+        for subject, v in (mmlu.get("per_subject") or {}).items() if mmlu else ():
+            rows.append({"model": model, "benchmark": f"mmlu_med/{subject}", "metric": "acc", "value": v["acc"],
+                         "n": v["n"], "ci_low": v["ci95"][0], "ci_high": v["ci95"][1]})
+    return pd.DataFrame(rows, columns=TIDY_COLUMNS)
+
+
 # -- item-level scores per capability ----------------------------------------------------------
 
 def _medical_items(data: RunData, model: str) -> dict[str, float]:
@@ -156,21 +193,21 @@ def _heldout_items(component: str) -> Callable[[RunData, str], dict[str, float]]
 
 
 @dataclass(frozen=True)
-class Capability:
+class ComparedCapability:
     key: str
     label: str
     scores: Callable[[RunData, str], dict[str, float]]
     accuracy: bool = True  # shown in points (x100); rewards stay on their own scale
 
 
-CAPABILITIES = (
-    Capability("biomed", "BIOMED accuracy (MMLU-med+MedQA+CMExam)", _medical_items),
-    Capability("kg_mcq", "kg_mcq accuracy", _mcq_items("kg_mcq")),
-    Capability("ifeval", "IFEval prompt strict", _instruction_items("ifeval")),
-    Capability("ifbench", "IFBench prompt strict", _instruction_items("ifbench")),
-    Capability("heldout_accuracy", "held-out accuracy reward", _heldout_items("accuracy"), accuracy=False),
-    Capability("heldout_instruction", "held-out instruction reward", _heldout_items("instruction"), accuracy=False),
+COMPARED_CAPABILITIES = (
+    ComparedCapability("biomed", "BIOMED accuracy (MMLU-med+MedQA+CMExam)", _medical_items),
+    ComparedCapability("kg_mcq", "kg_mcq accuracy", _mcq_items("kg_mcq")),
+    ComparedCapability("ifeval", "IFEval prompt strict", _instruction_items("ifeval")),
+    ComparedCapability("ifbench", "IFBench prompt strict", _instruction_items("ifbench")),
+    ComparedCapability("heldout_accuracy", "held-out accuracy reward", _heldout_items("accuracy"), accuracy=False),
+    ComparedCapability("heldout_instruction", "held-out instruction reward", _heldout_items("instruction"), accuracy=False),
 )
-CAPABILITY = {c.key: c for c in CAPABILITIES}
+COMPARED_CAPABILITY = {c.key: c for c in COMPARED_CAPABILITIES}
 
 

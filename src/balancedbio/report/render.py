@@ -8,13 +8,18 @@ import logging
 from pathlib import Path
 from typing import Iterable
 
-from balancedbio.evaluation import wilson_interval
 from balancedbio.report.figures import make_figures
-from balancedbio.report.load import CAPABILITIES, GENERAL_METRIC, IF_BENCHMARKS, RunData, TIDY_COLUMNS, _medical_items, _read_json, load_dynamics, load_heldout, load_results
-from balancedbio.report.stats import POWER, pooled
-from balancedbio.report.tables import Table, _diff_cell, _diff_columns, _fmt, _frame, _mde_cell, _with_ci, ablation_rows, alignment_tax, aoc_rows, comparison_rows, conclusions, heldout_rows, main_table, steering_findings, steering_rows, subject_rows, tidy_rows
+from balancedbio.report.findings import conclusions, steering_findings, verdict
+from balancedbio.report.load import (COMPARED_CAPABILITIES, GENERAL_METRIC, IF_BENCHMARKS, TIDY_COLUMNS, RunData,
+                                     _medical_items, _read_json, load_dynamics, load_heldout, load_results,
+                                     results_frame, subjects_frame)
+from balancedbio.report.stats import POWER, pooled, wilson_interval
+from balancedbio.report.tables import (Table, _diff_cell, _diff_columns, _fmt, _frame, _mde_cell, _with_ci,
+                                       ablation_rows, alignment_tax, aoc_rows, comparison_rows, heldout_rows,
+                                       main_table, significance_class, steering_rows)
 
 log = logging.getLogger(__name__)
+LEAD_FIGURE = "differences"  # the page opens with the verdict and this figure
 
 
 def _templates():
@@ -41,7 +46,7 @@ def build_report(*, out_dir: str, evaluations: Iterable[str], eval_items: Iterab
     tables_dir.mkdir(parents=True, exist_ok=True)
     data = RunData(load_results(evaluations, eval_items), load_heldout(heldout, heldout_items),
                    load_dynamics(dynamics))
-    tidy, subjects = tidy_rows(data), subject_rows(data)
+    tidy, subjects = results_frame(data), subjects_frame(data)  # tidy DataFrames, TIDY_COLUMNS
     comparisons = comparison_rows(data, seed=seed)
     taxes = alignment_tax(data, seed=seed)
     ablations, aoc = ablation_rows(data), aoc_rows(data.dynamics)
@@ -63,8 +68,9 @@ def build_report(*, out_dir: str, evaluations: Iterable[str], eval_items: Iterab
             tax_rows.append({"model": row["model"], "benchmark": benchmark,
                              "metric": "domain_gain" if name == "domain_gain" else "alignment_tax",
                              **_diff_columns(row[name])})
-    table3 = [r for r in tidy + subjects if r["model"] in ("base", "grpo_full") and
-              (r["metric"] == GENERAL_METRIC or r["benchmark"] == "mmlu_med/anatomy")]
+    table3 = [row for frame in (tidy, subjects) for row in frame[
+        frame["model"].isin(("base", "grpo_full"))
+        & ((frame["metric"] == GENERAL_METRIC) | (frame["benchmark"] == "mmlu_med/anatomy"))].to_dict("records")]
     for model in ("base", "grpo_full"):
         med = _medical_items(data, model)
         if med:
@@ -81,13 +87,13 @@ def build_report(*, out_dir: str, evaluations: Iterable[str], eval_items: Iterab
                    for name, o in decon["outputs"].items()] if decon else [])
     sft_rows = [{"metric": k, "value": v} for k, v in (sft or {}).items()
                 if isinstance(v, (int, float, str, bool)) or v is None]
-    frames = {"table1_main": _frame(tidy, TIDY_COLUMNS),
+    frames = {"table1_main": tidy,
               "paired_differences": _frame([{"comparison": r["comparison"], "capability": r["capability"],
                                              **_diff_columns(r["diff"]), "target_mde": r["target_mde"]}
                                             for r in comparisons],
                                            ["comparison", "capability", "value", "n", "ci_low", "ci_high",
                                             "significant", "mde", "target_mde"]),
-              "mmlu_subjects": _frame(subjects, TIDY_COLUMNS),
+              "mmlu_subjects": subjects,
               "alignment_tax": _frame(tax_rows, TIDY_COLUMNS + ["significant", "mde"]),
               "heldout_rewards": _frame(held, ["model", "component", "mean", "n", "ci_low", "ci_high", "status"]),
               "table2_ablations": _frame(ablations),
@@ -109,31 +115,40 @@ def build_report(*, out_dir: str, evaluations: Iterable[str], eval_items: Iterab
             frame.to_csv(handle, index=False)
     tau = ((config or {}).get("aoc") or {}).get("tau")
     figures = make_figures(data, comparisons, fig_dir, tau=tau)
-    findings = conclusions(data, comparisons, aoc) + steering_findings(steering, bounds)
+    findings = conclusions(comparisons, aoc) + steering_findings(steering, bounds)
 
-    accuracy = {c.key: c.accuracy for c in CAPABILITIES}
+    accuracy = {c.key: c.accuracy for c in COMPARED_CAPABILITIES}
     pct_columns = {"biomed", "kg_mcq", "ifeval", "ifbench"}
     ablation_names = {"biomed": "BIOMED", "ifeval": "IFEval strict", "ifbench": "IFBench strict",
                       "heldout_accuracy": "held-out R_acc", "heldout_instruction": "held-out R_inst"}
-    display = [
-        Table("Table 1: models x benchmarks (accuracy %, 95% Wilson CI)", _frame(main_table(data))),
-        Table("Paired differences per capability (first minus second; paired bootstrap 95% CI)",
-              _frame([{"comparison": r["comparison"], "capability": r["label"],
-                       "difference [95% CI]": _diff_cell(r["diff"], accuracy[r["capability"]]),
-                       "n": r["diff"]["n"] if r["diff"] else "–",
-                       "significant": _fmt(r["diff"]["significant"]) if r["diff"] else "–",
-                       "min. detectable effect": _mde_cell(r["diff"], r["target_mde"], accuracy[r["capability"]])}
-                      for r in comparisons]),
-              note=f"Accuracies in points, rewards on their own scale. The minimum detectable effect is "
-                   f"(z_0.975 + z_{POWER:g}) x SE of the paired differences: the smallest true difference "
-                   f"detected with {100 * POWER:.0f}% power at the 5% level."),
-        Table("Alignment tax (eq. 2) and domain gain (paired bootstrap 95% CI, points)",
-              _frame([{"model": r["model"], "alignment tax IFEval strict": _diff_cell(r["tax_ifeval"]),
+    difference_rows = [{"comparison": r["comparison"], "capability": r["label"],
+                        "difference [95% CI]": _diff_cell(r["diff"], accuracy[r["capability"]]),
+                        "n": r["diff"]["n"] if r["diff"] else "–",
+                        "significant": _fmt(r["diff"]["significant"]) if r["diff"] else "–",
+                        "min. detectable effect": _mde_cell(r["diff"], r["target_mde"], accuracy[r["capability"]])}
+                       for r in comparisons]
+    # Higher is better on every compared capability; a positive alignment tax is a loss.
+    difference_classes = [{**{k: "" for k in row}, "difference [95% CI]": significance_class(r["diff"])}
+                          for row, r in zip(difference_rows, comparisons)]
+    tax_rows_shown = [{"model": r["model"], "alignment tax IFEval strict": _diff_cell(r["tax_ifeval"]),
                        "alignment tax IFBench strict": _diff_cell(r["tax_ifbench"]),
                        "domain gain BIOMED": _diff_cell(r["domain_gain"]),
                        "MDE (IFEval / IFBench / BIOMED)": " / ".join(
                            _mde_cell(r[k], None) for k in ("tax_ifeval", "tax_ifbench", "domain_gain"))}
-                      for r in taxes]),
+                      for r in taxes]
+    tax_classes = [{"model": "", "alignment tax IFEval strict": significance_class(r["tax_ifeval"], better_sign=-1),
+                    "alignment tax IFBench strict": significance_class(r["tax_ifbench"], better_sign=-1),
+                    "domain gain BIOMED": significance_class(r["domain_gain"]), "MDE (IFEval / IFBench / BIOMED)": ""}
+                   for r in taxes]
+    display = [
+        Table("Paired differences per capability (first minus second; paired bootstrap 95% CI)",
+              _frame(difference_rows), classes=_frame(difference_classes, list(_frame(difference_rows).columns)),
+              note=f"Accuracies in points, rewards on their own scale. The minimum detectable effect is "
+                   f"(z_0.975 + z_{POWER:g}) x SE of the paired differences: the smallest true difference "
+                   f"detected with {100 * POWER:.0f}% power at the 5% level."),
+        Table("Table 1: models x benchmarks (accuracy %, 95% Wilson CI)", _frame(main_table(data))),
+        Table("Alignment tax (eq. 2) and domain gain (paired bootstrap 95% CI, points)",
+              _frame(tax_rows_shown), classes=_frame(tax_classes, list(_frame(tax_rows_shown).columns)),
               note="Tax = base minus model (positive: the model lost instruction following); gain = model minus base."),
         Table("Held-out rewards (prompts no model trained on; mean, 95% CI)",
               _frame([{"model": r["model"], "component": r["component"] or "–",
@@ -181,7 +196,7 @@ def build_report(*, out_dir: str, evaluations: Iterable[str], eval_items: Iterab
                        "value %": _fmt(r["value"], True), "n": r["n"]} for r in table3])),
         Table("MMLU-med per subject",
               _frame([{"model": r["model"], "subject": r["benchmark"].split("/")[1], "acc %": _fmt(r["value"], True),
-                       "n": r["n"]} for r in subjects])),
+                       "n": r["n"]} for r in subjects.to_dict("records")])),
         Table("Supervised fine-tuning", _frame([{"metric": r["metric"], "value": _fmt(r["value"])} for r in sft_rows])),
         Table("Process reward model (held-out steps)",
               _frame([{"metric": r["metric"], "value": _fmt(r["value"])} for r in prm_rows]),
@@ -194,7 +209,8 @@ def build_report(*, out_dir: str, evaluations: Iterable[str], eval_items: Iterab
     ]
     settings_json = json.dumps({"config": config, "versions": versions}, indent=1, default=str)
     context = {"title": f"BalancedBio report: {(config or {}).get('run_name', 'run')}", "config": config or {},
-               "findings": findings, "tables": display, "settings_json": settings_json}
+               "verdict": verdict(comparisons), "findings": findings, "tables": display,
+               "settings_json": settings_json, "lead_figure": LEAD_FIGURE if LEAD_FIGURE in figures else None}
     env = _templates()
     with atomic_file(out / "report.md") as handle:
         handle.write(env.get_template("report.md.j2").render(

@@ -1,4 +1,5 @@
-"""The report's rows and tables: comparisons, alignment tax, AOC, weights, ablations, held-out rewards."""
+"""The report's rows and tables: comparisons, alignment tax, AOC, weights, ablations, held-out rewards,
+and ``Table``, one table in its display form (cells, CSS classes for significance, note)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from balancedbio.evaluation import wilson_interval
-from balancedbio.report.load import CAPABILITIES, CAPABILITY, GENERAL_METRIC, IF_BENCHMARKS, IF_METRICS, MEDICAL, RunData, _instruction_items, _medical_items
-from balancedbio.report.stats import COMPARISONS, MIN_DISCORDANT_FOR_TARGET, TARGET_MDE, paired_difference, pooled
+
+from balancedbio.report.load import (COMPARED_CAPABILITIES, GENERAL_METRIC, IF_BENCHMARKS, IF_METRICS, MEDICAL, RunData,
+                                     _instruction_items, _medical_items)
+from balancedbio.report.stats import (COMPARISONS, MIN_DISCORDANT_FOR_TARGET, TARGET_MDE, paired_difference, pooled,
+                                      wilson_interval)
+
+
 
 def comparison_rows(data: RunData, seed: int = 0) -> list[dict]:
     """One row per (comparison, capability): the paired difference first minus second."""
@@ -17,7 +22,7 @@ def comparison_rows(data: RunData, seed: int = 0) -> list[dict]:
     for first, second in COMPARISONS:
         if first not in data.models or second not in data.models:
             continue
-        for cap in CAPABILITIES:
+        for cap in COMPARED_CAPABILITIES:
             diff = paired_difference(cap.scores(data, first), cap.scores(data, second), seed=seed)
             rows.append({"comparison": f"{first} - {second}", "first": first, "second": second,
                          "capability": cap.key, "label": cap.label, "diff": diff,
@@ -43,20 +48,6 @@ def alignment_tax(data: RunData, baseline: str = "base", seed: int = 0) -> list[
 
 def _scaled(value: float | None, accuracy: bool) -> str:
     return "–" if value is None else (f"{100 * value:+.1f}" if accuracy else f"{value:+.3f}")
-
-
-def describe_difference(name: str, diff: dict | None, accuracy: bool = True) -> str:
-    if diff is None:
-        return f"{name}: not computable (not evaluated for both models)."
-    unit = " points" if accuracy else ""
-    if diff["ci_low"] is None:
-        return f"{name}: {_scaled(diff['value'], accuracy)}{unit} on {diff['n']} paired item, too few for an interval."
-    interval = f"95% CI [{_scaled(diff['ci_low'], accuracy)}, {_scaled(diff['ci_high'], accuracy)}]"
-    verdict = "significant" if diff["significant"] else "not significant (the interval contains 0)"
-    mde = (f"minimum detectable effect {_scaled(diff['mde'], accuracy).lstrip('+')}{unit}" if diff["mde"] is not None
-           else "minimum detectable effect undefined (the paired differences do not vary)")
-    value = _scaled(diff["value"], accuracy)
-    return f"{name}: {value}{unit} ({interval}, n={diff['n']} paired items; {mde}), {verdict}."
 
 
 # -- training dynamics -----------------------------------------------------------------------
@@ -142,34 +133,12 @@ def steering_rows(dynamics: dict[str, list[dict]], bounds: tuple[float, float] |
     return rows
 
 
-def steering_findings(rows: list[dict], bounds: tuple[float, float] | None) -> list[str]:
-    lines = []
-    for row in rows:
-        if row["variant"] != "full" or row["min_weight"] is None:
-            continue
-        where = ("strictly inside" if row["strictly_inside_bounds"] else "not strictly inside") \
-            + f" [{bounds[0]:g}, {bounds[1]:g}]" if bounds else "in"
-        text = (f"Dynamic weights in grpo_full: {where} on all {row['steps']} steps "
-                f"(lowest {_fmt(row['min_weight'])}, highest {_fmt(row['max_weight'])})")
-        if row["share_correlation"] is not None:
-            text += (f"; the instruction rows' share of sum |A| followed w_inst / sum w with r = "
-                     f"{row['share_correlation']:.2f} over {row['share_steps']} steps")
-        if row["counterfactual_steps"]:
-            text += (f"; against the same batches at equal weights, the weights moved the instruction share "
-                     f"the way eq. 11 predicts (up when w_inst / sum w > 1/K, down when below) on "
-                     f"{row['share_moved_as_predicted']} of {row['counterfactual_steps']} steps (mean share "
-                     f"{_fmt(row['mean_update_share_instruction'])} at the applied weights, "
-                     f"{_fmt(row['mean_update_share_instruction_equal_weights'])} at equal weights)")
-        lines.append(text + ".")
-    return lines
-
-
 def ablation_rows(data: RunData) -> list[dict]:
     rows = []
     for variant, steps in data.dynamics.items():
         model = f"grpo_{variant}"
         last = steps[-1] if steps else {}
-        row = {"variant": variant, **{c.key: pooled(c.scores(data, model)) for c in CAPABILITIES},
+        row = {"variant": variant, **{c.key: pooled(c.scores(data, model)) for c in COMPARED_CAPABILITIES},
                "steps": len(steps), **{k: last.get(k) for k in last if k.startswith("weight_")},
                "final_kl": last.get("kl"), "final_reward": last.get("reward")}
         rows.append(row)
@@ -193,16 +162,32 @@ def heldout_rows(data: RunData) -> list[dict]:
     return rows
 
 
-# -- figures ---------------------------------------------------------------------------------
+# -- display tables: strings for Markdown, the same cells with a CSS class each for HTML ---------
 
+# HTML classes of a difference cell, and the marker shown before its text (legible without colour).
+BETTER, WORSE, NOT_SIGNIFICANT = "sig-better", "sig-worse", "not-sig"
+MARKERS = {BETTER: "▲ ", WORSE: "▼ "}
+
+
+def significance_class(diff: dict | None, better_sign: int = 1) -> str:
+    """BETTER / WORSE when the 95% interval excludes 0 (``better_sign`` -1 where a positive value
+    is a loss, as for the alignment tax), NOT_SIGNIFICANT when it contains 0, "" without one."""
+    if not diff or diff["ci_low"] is None:
+        return ""
+    if not diff["significant"]:
+        return NOT_SIGNIFICANT
+    return BETTER if better_sign * diff["value"] > 0 else WORSE
 
 
 @dataclass
 class Table:
-    """One table of the page: the CSV frame's display form for Markdown and for HTML."""
+    """One table of the report: display strings (``frame``, also the Markdown), optional CSS
+    classes per cell for the HTML page (``classes``, same shape), and a note. The HTML template
+    writes the cells itself, so Jinja2 escapes every one of them."""
     title: str
     frame: Any  # pandas.DataFrame of display strings
     note: str = ""
+    classes: Any = None  # pandas.DataFrame of CSS class names ("" for none), or None
 
     @property
     def markdown(self) -> str:
@@ -214,10 +199,17 @@ class Table:
         return "\n".join(lines)
 
     @property
-    def html(self) -> str:
-        if self.frame.empty:
-            return "<p><em>(nothing to show)</em></p>"
-        return self.frame.to_html(index=False, border=0, classes="data", na_rep="–", escape=True)
+    def header(self) -> list[str]:
+        return [str(c) for c in self.frame.columns]
+
+    @property
+    def cells(self) -> list[list[tuple[str, str]]]:
+        """(text, css class) per cell, row by row; significant cells carry their marker."""
+        rows = []
+        for i, row in enumerate(self.frame.itertuples(index=False)):
+            classes = list(self.classes.iloc[i]) if self.classes is not None else [""] * len(row)
+            rows.append([(MARKERS.get(css, "") + _fmt(value), css) for value, css in zip(row, classes)])
+        return rows
 
 
 def _fmt(value: Any, pct: bool = False) -> str:
@@ -266,31 +258,6 @@ def main_table(data: RunData) -> list[dict]:
     return rows
 
 
-def tidy_rows(data: RunData) -> list[dict]:
-    rows = []
-    for model in data.models:
-        for benchmark, result in sorted(data.results.get(model, {}).items()):
-            if result.get("status") != "ok":
-                continue
-            for metric, value in result["metrics"].items():
-                if not isinstance(value, dict):
-                    continue
-                n = result["metrics"].get("n_instructions") if metric.startswith("inst_") else result["n"]
-                rows.append({"model": model, "benchmark": benchmark, "metric": metric, "value": value["value"],
-                             "n": n, "ci_low": value["ci95"][0], "ci_high": value["ci95"][1]})
-    return rows
-
-
-def subject_rows(data: RunData) -> list[dict]:
-    rows = []
-    for model in data.models:
-        mmlu = data.result(model, "mmlu_med")
-        for subject, v in (mmlu.get("per_subject") or {}).items() if mmlu else ():
-            rows.append({"model": model, "benchmark": f"mmlu_med/{subject}", "metric": "acc", "value": v["acc"],
-                         "n": v["n"], "ci_low": v["ci95"][0], "ci_high": v["ci95"][1]})
-    return rows
-
-
 def _diff_columns(diff: dict | None) -> dict:
     return {"value": None if diff is None else diff["value"], "n": None if diff is None else diff["n"],
             "ci_low": None if diff is None else diff["ci_low"], "ci_high": None if diff is None else diff["ci_high"],
@@ -323,54 +290,5 @@ def _mde_cell(diff: dict | None, target: float | None, accuracy: bool = True) ->
         items = "item" if diff["discordant"] == 1 else "items"
         return f"{text} (from {diff['discordant']} differing {items}: too few to judge {goal})"
     return f"{text} (meets {goal})"
-
-
-def _significant(by_pair: dict, capability: str, sign: int) -> bool:
-    diff = by_pair[("grpo_full", "base", capability)]["diff"]
-    return bool(diff and diff["significant"] and sign * diff["value"] > 0)
-
-
-def conclusions(data: RunData, comparisons: list[dict], aoc: list[dict]) -> list[str]:
-    """Plain sentences that say only what the intervals support."""
-    lines = []
-    by_pair = {(r["first"], r["second"], r["capability"]): r for r in comparisons}
-    if ("grpo_full", "base", "biomed") in by_pair:
-        for cap in CAPABILITIES:
-            row = by_pair[("grpo_full", "base", cap.key)]
-            lines.append(describe_difference(f"grpo_full minus base, {cap.label}", row["diff"], cap.accuracy))
-        gains = [c for c in ("biomed", "kg_mcq", "heldout_accuracy") if _significant(by_pair, c, +1)]
-        losses = [c for c in ("ifeval", "ifbench") if _significant(by_pair, c, -1)]
-        unjudged = [CAPABILITY[c].label for c in ("ifeval", "ifbench")
-                    if (by_pair[("grpo_full", "base", c)]["diff"] or {}).get("ci_low") is None]
-        verdict = (f"cannot be judged ({', '.join(unjudged)} not evaluated for both)" if unjudged
-                   else "met" if gains and not losses else "not met")
-        lines.append(f"Target (a significant medical gain of grpo_full over base, no significant loss on IFEval or "
-                     f"IFBench strict): {verdict}; significant gains: "
-                     f"{', '.join(CAPABILITY[c].label for c in gains) or 'none'}; significant losses: "
-                     f"{', '.join(CAPABILITY[c].label for c in losses) or 'none'}.")
-    else:
-        lines.append("grpo_full or base was not evaluated, so the method's gain is not reported.")
-    for first, second in COMPARISONS:
-        if (first, second) == ("grpo_full", "base") or (first, second, "biomed") not in by_pair:
-            continue
-        rows = [by_pair[(first, second, c.key)] for c in CAPABILITIES]
-        sig = [f"{r['label']} {_scaled(r['diff']['value'], CAPABILITY[r['capability']].accuracy)}"
-               for r in rows if r["diff"] and r["diff"]["significant"]]
-        tested = [r["label"] for r in rows if r["diff"] and r["diff"]["ci_low"] is not None]
-        name = "Dynamic vs static weights" if second == "grpo_static_weights" else f"{first} vs {second}"
-        if sig:
-            lines.append(f"{name} ({first} minus {second}): significant on {'; '.join(sig)}; "
-                         f"not significant on the other {len(tested) - len(sig)} of {len(tested)} capabilities tested.")
-        else:
-            lines.append(f"{name} ({first} minus {second}): no significant difference on any of the "
-                         f"{len(tested)} capabilities tested ({', '.join(tested) or 'none'}).")
-    if ("grpo_full", "grpo_static_weights", "biomed") not in by_pair:
-        lines.append("The static-weights ablation was not evaluated, so dynamic and static weights are not compared.")
-    for row in aoc:
-        if row["variant"] in ("full", "no_aoc"):
-            lines.append(f"AOC in grpo_{row['variant']}: S_cos defined on {row['s_cos_defined']} of {row['steps']} "
-                         f"steps, penalty fired on {row['fired']} of them, mean |S_cos| "
-                         f"{_fmt(row['mean_abs_s_cos'])}.")
-    return lines
 
 

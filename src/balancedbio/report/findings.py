@@ -1,0 +1,152 @@
+"""The report's sentences: a three-line verdict for the top of the page, and the findings in full
+(one sentence per difference, comparison, AOC and steering row) that say only what the intervals
+support."""
+
+from __future__ import annotations
+
+from balancedbio.report.load import COMPARED_CAPABILITIES, COMPARED_CAPABILITY
+from balancedbio.report.stats import COMPARISONS
+from balancedbio.report.tables import _diff_cell, _fmt, _scaled
+
+# What the method must show (grpo_full against base): a significant gain on a medical capability
+# and no significant loss on instruction following.
+MEDICAL_GAINS = ("biomed", "kg_mcq", "heldout_accuracy")
+INSTRUCTION_LOSSES = ("ifeval", "ifbench")
+HEADLINE = ("biomed", "ifeval", "ifbench")  # the verdict's second line
+SHORT_LABEL = {"biomed": "BIOMED", "ifeval": "IFEval strict", "ifbench": "IFBench strict"}
+
+
+def describe_difference(name: str, diff: dict | None, accuracy: bool = True) -> str:
+    if diff is None:
+        return f"{name}: not computable (not evaluated for both models)."
+    unit = " points" if accuracy else ""
+    if diff["ci_low"] is None:
+        return f"{name}: {_scaled(diff['value'], accuracy)}{unit} on {diff['n']} paired item, too few for an interval."
+    interval = f"95% CI [{_scaled(diff['ci_low'], accuracy)}, {_scaled(diff['ci_high'], accuracy)}]"
+    verdict = "significant" if diff["significant"] else "not significant (the interval contains 0)"
+    mde = (f"minimum detectable effect {_scaled(diff['mde'], accuracy).lstrip('+')}{unit}" if diff["mde"] is not None
+           else "minimum detectable effect undefined (the paired differences do not vary)")
+    value = _scaled(diff["value"], accuracy)
+    return f"{name}: {value}{unit} ({interval}, n={diff['n']} paired items; {mde}), {verdict}."
+
+
+def steering_findings(rows: list[dict], bounds: tuple[float, float] | None) -> list[str]:
+    lines = []
+    for row in rows:
+        if row["variant"] != "full" or row["min_weight"] is None:
+            continue
+        where = ("strictly inside" if row["strictly_inside_bounds"] else "not strictly inside") \
+            + f" [{bounds[0]:g}, {bounds[1]:g}]" if bounds else "in"
+        text = (f"Dynamic weights in grpo_full: {where} on all {row['steps']} steps "
+                f"(lowest {_fmt(row['min_weight'])}, highest {_fmt(row['max_weight'])})")
+        if row["share_correlation"] is not None:
+            text += (f"; the instruction rows' share of sum |A| followed w_inst / sum w with r = "
+                     f"{row['share_correlation']:.2f} over {row['share_steps']} steps")
+        if row["counterfactual_steps"]:
+            text += (f"; against the same batches at equal weights, the weights moved the instruction share "
+                     f"the way eq. 11 predicts (up when w_inst / sum w > 1/K, down when below) on "
+                     f"{row['share_moved_as_predicted']} of {row['counterfactual_steps']} steps (mean share "
+                     f"{_fmt(row['mean_update_share_instruction'])} at the applied weights, "
+                     f"{_fmt(row['mean_update_share_instruction_equal_weights'])} at equal weights)")
+        lines.append(text + ".")
+    return lines
+
+
+# -- the target and the comparisons ------------------------------------------------------------
+
+def _by_pair(comparisons: list[dict]) -> dict:
+    return {(r["first"], r["second"], r["capability"]): r for r in comparisons}
+
+
+def _significant(by_pair: dict, capability: str, sign: int) -> bool:
+    diff = by_pair[("grpo_full", "base", capability)]["diff"]
+    return bool(diff and diff["significant"] and sign * diff["value"] > 0)
+
+
+def target_verdict(by_pair: dict) -> dict | None:
+    """"met" / "not met" / "cannot be judged" for grpo_full against base, with the significant
+    gains and losses (capability keys) and the instruction benchmarks that were not evaluated for
+    both; None when grpo_full or base was not evaluated."""
+    if ("grpo_full", "base", "biomed") not in by_pair:
+        return None
+    gains = [c for c in MEDICAL_GAINS if _significant(by_pair, c, +1)]
+    losses = [c for c in INSTRUCTION_LOSSES if _significant(by_pair, c, -1)]
+    unjudged = [COMPARED_CAPABILITY[c].label for c in INSTRUCTION_LOSSES
+                if (by_pair[("grpo_full", "base", c)]["diff"] or {}).get("ci_low") is None]
+    state = "cannot be judged" if unjudged else "met" if gains and not losses else "not met"
+    return {"state": state, "gains": gains, "losses": losses, "unjudged": unjudged}
+
+
+def _labels(keys) -> str:
+    return ", ".join(COMPARED_CAPABILITY[c].label for c in keys) or "none"
+
+
+def _comparison_sentence(by_pair: dict, first: str, second: str) -> str:
+    rows = [by_pair[(first, second, c.key)] for c in COMPARED_CAPABILITIES]
+    sig = [f"{r['label']} {_scaled(r['diff']['value'], COMPARED_CAPABILITY[r['capability']].accuracy)}"
+           for r in rows if r["diff"] and r["diff"]["significant"]]
+    tested = [r["label"] for r in rows if r["diff"] and r["diff"]["ci_low"] is not None]
+    name = "Dynamic vs static weights" if second == "grpo_static_weights" else f"{first} vs {second}"
+    if sig:
+        return (f"{name} ({first} minus {second}): significant on {'; '.join(sig)}; "
+                f"not significant on the other {len(tested) - len(sig)} of {len(tested)} capabilities tested.")
+    return (f"{name} ({first} minus {second}): no significant difference on any of the "
+            f"{len(tested)} capabilities tested ({', '.join(tested) or 'none'}).")
+
+
+def conclusions(comparisons: list[dict], aoc: list[dict]) -> list[str]:
+    """Plain sentences that say only what the intervals support (the findings in full)."""
+    lines = []
+    by_pair = _by_pair(comparisons)
+    target = target_verdict(by_pair)
+    if target is not None:
+        for cap in COMPARED_CAPABILITIES:
+            row = by_pair[("grpo_full", "base", cap.key)]
+            lines.append(describe_difference(f"grpo_full minus base, {cap.label}", row["diff"], cap.accuracy))
+        verdict = (f"cannot be judged ({', '.join(target['unjudged'])} not evaluated for both)"
+                   if target["unjudged"] else target["state"])
+        lines.append(f"Target (a significant medical gain of grpo_full over base, no significant loss on IFEval or "
+                     f"IFBench strict): {verdict}; significant gains: {_labels(target['gains'])}; "
+                     f"significant losses: {_labels(target['losses'])}.")
+    else:
+        lines.append("grpo_full or base was not evaluated, so the method's gain is not reported.")
+    for first, second in COMPARISONS:
+        if (first, second) == ("grpo_full", "base") or (first, second, "biomed") not in by_pair:
+            continue
+        lines.append(_comparison_sentence(by_pair, first, second))
+    if ("grpo_full", "grpo_static_weights", "biomed") not in by_pair:
+        lines.append("The static-weights ablation was not evaluated, so dynamic and static weights are not compared.")
+    for row in aoc:
+        if row["variant"] in ("full", "no_aoc"):
+            lines.append(f"AOC in grpo_{row['variant']}: S_cos defined on {row['s_cos_defined']} of {row['steps']} "
+                         f"steps, penalty fired on {row['fired']} of them, mean |S_cos| "
+                         f"{_fmt(row['mean_abs_s_cos'])}.")
+    return lines
+
+
+def verdict(comparisons: list[dict]) -> list[dict]:
+    """Three short lines for the top of the page, each {"text", "state"} (state "good", "bad" or
+    "open" colours the line): the target, grpo_full minus base on the headline capabilities, and
+    dynamic against static weights."""
+    by_pair = _by_pair(comparisons)
+    target = target_verdict(by_pair)
+    if target is None:
+        return [{"text": "No verdict: grpo_full or base was not evaluated.", "state": "open"}]
+    if target["state"] == "cannot be judged":
+        first = {"text": f"Target cannot be judged: {', '.join(target['unjudged'])} not evaluated for both "
+                         f"grpo_full and base.", "state": "open"}
+    elif target["state"] == "met":
+        first = {"text": f"Target met: grpo_full gains significantly over base on {_labels(target['gains'])}, "
+                         f"with no significant loss on IFEval or IFBench strict.", "state": "good"}
+    else:
+        first = {"text": f"Target not met: significant medical gains over base: {_labels(target['gains'])}; "
+                         f"significant instruction-following losses: {_labels(target['losses'])}.", "state": "bad"}
+    cells = [f"{SHORT_LABEL[c]} {_diff_cell(by_pair[('grpo_full', 'base', c)]['diff'])}" for c in HEADLINE]
+    second = {"text": f"grpo_full minus base, points with 95% CI: {'; '.join(cells)}".rstrip(".") + ".",
+              "state": "open"}
+    if ("grpo_full", "grpo_static_weights", "biomed") in by_pair:
+        third = {"text": _comparison_sentence(by_pair, "grpo_full", "grpo_static_weights"), "state": "open"}
+    else:
+        third = {"text": "Dynamic vs static weights: not compared (the static-weights ablation was not evaluated).",
+                 "state": "open"}
+    return [first, second, third]
