@@ -126,16 +126,18 @@ class BalancedGRPOTrainer(DynamicSamplingMixin, OrthogonalityMixin, StratifiedGR
         if self.aoc["mode"] not in {"penalty", "project", "monitor", "off"}:
             raise ValueError(f"unknown aoc.mode {self.aoc['mode']!r}: expected penalty, project, monitor or off")
         distributed = self.is_deepspeed_enabled or self.accelerator.num_processes > 1
-        if self.aoc["mode"] == "project" and distributed:
-            raise ValueError("aoc.mode=project rewrites the gradients in place, which DeepSpeed and multi-process "
-                             "data parallel do not allow; use penalty or monitor there, or run on one device")
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if self.aoc["mode"] != "off" and (getattr(plugin, "zero_stage", 0) == 3 or self.is_fsdp_enabled):
+            raise ValueError(f"aoc.mode={self.aoc['mode']} needs each rank's whole gradient of the trainable weights "
+                             "and the weights themselves for its probes, which DeepSpeed ZeRO-3 / FSDP shard away; "
+                             "use ZeRO-2 (config/deepspeed_zero2.json) or set aoc.mode: off")
         if distributed and self.aoc["mode"] == "penalty" and self.aoc["penalty_gradient"] == "exact":
             raise ValueError("aoc.penalty_gradient=exact differentiates each rank's own gradients, which the "
                              "cross-rank average does not carry; use finite_difference under DeepSpeed or "
                              "multi-process data parallel")
         # Under DeepSpeed / DDP the update must go through accelerator.backward (their hooks reduce and
         # partition gradients): AOC's gradients are averaged across ranks for S_cos and the penalty's
-        # probes, and the update is one backward of TRL's loss plus a surrogate of the penalty.
+        # probes, and the update is one backward of TRL's loss plus a surrogate of the penalty or projection.
         self._aoc_through_backward = distributed
         self.projector = Projector(self.aoc["projection"], self.aoc["gradvac_beta"]) \
             if self.aoc["mode"] == "project" else None
