@@ -19,8 +19,10 @@ def launch_prefix(gpus: int, *, deepspeed_config: str | None = None, bf16: bool 
     slots = [python, "-m", "balancedbio.gpu_slots", str(gpus), "--"] if gpus >= 1 else []
     if gpus <= 1:
         return shlex.join([*slots, python])
+    # Port 0: accelerate picks a free rendezvous port when the job starts, so two multi-GPU jobs
+    # on one node do not both bind the default 29500 (the second would fail or hang).
     parts = [*slots, python, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", str(gpus),
-             "--mixed_precision", "bf16" if bf16 else "no"]
+             "--main_process_port", "0", "--mixed_precision", "bf16" if bf16 else "no"]
     if deepspeed_config:
         parts += ["--use_deepspeed", "--deepspeed_config_file", deepspeed_config]
     else:
