@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from balancedbio.io import write_json, write_jsonl
+from balancedbio.report.stats import wilson_interval  # one home for the intervals
 
 log = logging.getLogger(__name__)
 
@@ -179,16 +180,6 @@ def build_tasks(task_manager, specs: list[dict]) -> list:
             raise KeyError(f"lm-eval task {spec['task']} is not among the tasks in {TASK_DIR}")
         tasks.append(task_manager._factory.build(entry, overrides=spec, registry=task_manager._index))
     return tasks
-
-
-def wilson_interval(p: float, n: int) -> list[float]:
-    """Wilson score interval for a proportion (well-behaved at 0 and 1, unlike p +- 1.96 se)."""
-    if n == 0:
-        return [math.nan, math.nan]
-    z = 1.959964
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def _item_rows(task: str, samples: list[dict], kind: str) -> list[dict]:

@@ -22,9 +22,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from statistics import NormalDist
 
 from balancedbio.io import read_jsonl, write_json, write_jsonl
+# One home for the MDE; minimum_detectable_effect is re-exported for heldout's callers.
+from balancedbio.report.stats import detection_factor, minimum_detectable_effect  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -32,29 +33,6 @@ COMPONENTS = ("accuracy", "instruction")
 
 
 # ----- power of paired comparisons ------------------------------------------------------------
-
-def detection_factor(alpha: float = 0.05, power: float = 0.8) -> float:
-    """z_{1-alpha/2} + z_{power}: the minimum detectable effect of an estimate in units of its
-    standard error (two-sided test at level ``alpha``, detection probability ``power``)."""
-    z = NormalDist().inv_cdf
-    return z(1 - alpha / 2) + z(power)
-
-
-def minimum_detectable_effect(n: int, p_discordant: float, alpha: float = 0.05, power: float = 0.8) -> float:
-    """Smallest paired difference in accuracy that ``n`` items detect (two-sided McNemar, normal approx.).
-
-    Two models scored on the same ``n`` items differ on a fraction ``p_discordant`` of them
-    (one right, the other wrong). Under the normal approximation the difference of their
-    accuracies has standard error ``sqrt(p_discordant / n)`` near the null, so the difference a
-    two-sided test at level ``alpha`` detects with probability ``power`` is
-    ``(z_{1-alpha/2} + z_{power}) * sqrt(p_discordant / n)``.
-    """
-    if n <= 0:
-        raise ValueError(f"minimum_detectable_effect: n must be positive, got {n}")
-    if not 0 <= p_discordant <= 1:
-        raise ValueError(f"minimum_detectable_effect: p_discordant must be in [0, 1], got {p_discordant}")
-    return detection_factor(alpha, power) * math.sqrt(p_discordant / n)
-
 
 def required_sample_size(effect: float, p_discordant: float, alpha: float = 0.05, power: float = 0.8) -> int:
     """Items needed for ``minimum_detectable_effect`` to reach ``effect`` (the inverse, rounded up)."""
