@@ -355,13 +355,42 @@ def lora_config(training: dict):
                       target_modules=lora["target_modules"], task_type="CAUSAL_LM")
 
 
+def zero3_enabled(accelerator) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions the weights (each rank then holds placeholders only)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return getattr(plugin, "zero_stage", 0) == 3
+
+
 def save_merged(trainer, tokenizer, out_dir: str, extra_files: dict[str, Any] | None = None) -> None:
-    """Merge LoRA (if any) into the weights and write a plain safetensors folder atomically."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+    """Merge LoRA (if any) into the weights and write a plain safetensors folder atomically.
+
+    Call it on every process: under DeepSpeed ZeRO-3 each rank holds a shard of the weights, so
+    the full state dict is gathered from all ranks first (a collective, as HF's ``save_model``
+    does: ``accelerator.get_state_dict``; with LoRA the parameters are gathered, merged and read
+    on the main process). Only the main process writes.
+    """
+    import contextlib
+
+    accelerator = trainer.accelerator
+    model = accelerator.unwrap_model(trainer.model)
+    state_dict, lora = None, hasattr(model, "merge_and_unload")
+    gather = contextlib.nullcontext()
+    if zero3_enabled(accelerator):
+        if lora:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+        else:
+            state_dict = accelerator.get_state_dict(trainer.model_wrapped)
+    with gather:
+        if not accelerator.is_main_process:
+            return
+        if lora:
+            model = model.merge_and_unload()
+            if zero3_enabled(accelerator):  # read the merged weights while they are gathered
+                state_dict = {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         for name, obj in (extra_files or {}).items():
             (Path(tmp) / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
