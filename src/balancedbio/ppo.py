@@ -8,7 +8,10 @@ comes from; ``balancedbio.grpo.CriticAdvantageTrainer`` puts it in front of
 runs one way (grpo -> ppo):
 
 - a ``ValueCritic`` (a copy of the policy's backbone + a linear value head, its own AdamW)
-  predicts V(s_t) for every completion token;
+  predicts V(s_t) for every completion token. Under ``training.bf16`` (the GPU configs) the
+  copy must fit beside the policy on every rank: its backbone is frozen in bf16 with LoRA
+  adapters (fp32) and gradient checkpointing, only adapters and head are trained (a full fp32
+  7B critic with its own AdamW is ~112 GB per GPU; this one ~15 GB + activations);
 - the reward is sparse: R_total (the same weighted composite) on the last completion token,
   0 elsewhere; the KL term stays in TRL's loss, as in GRPO;
 - per-token advantages come from GAE (Schulman et al. 2016) and are whitened over the
@@ -65,22 +68,47 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch
 
 
 class ValueCritic(nn.Module):
-    """Policy backbone copy + value head; returns one value per input position."""
+    """Policy backbone copy + value head; returns one value per input position.
 
-    def __init__(self, model_dir: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
+    ``lora_rank``: the backbone is frozen (in ``dtype``) and LoRA adapters on all its linear
+    layers are trained with the fp32 head; ``gradient_checkpointing`` recomputes activations.
+    """
+
+    def __init__(self, model_dir: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
+                 lora_rank: int | None = None, gradient_checkpointing: bool = False):
         super().__init__()
         from transformers import AutoModel
 
-        self.backbone = AutoModel.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                  use_safetensors=True)
-        hidden = self.backbone.config.hidden_size
-        self.value_head = nn.Linear(hidden, 1, dtype=dtype)
+        backbone = AutoModel.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
+                                             use_safetensors=True)
+        if gradient_checkpointing:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora_rank:
+            from peft import LoraConfig, get_peft_model
+
+            backbone = get_peft_model(backbone, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank,
+                                                           target_modules="all-linear", lora_dropout=0.0))
+        self.backbone, self.compute_dtype = backbone, dtype
+        hidden = backbone.config.hidden_size
+        self.value_head = nn.Linear(hidden, 1, dtype=torch.float32)
         nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1))
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.value_head(hidden).squeeze(-1)
+        low_precision = self.compute_dtype in (torch.bfloat16, torch.float16)
+        with torch.autocast(input_ids.device.type, dtype=self.compute_dtype, enabled=low_precision):
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.value_head(hidden.float()).squeeze(-1)
+
+
+def critic_settings(bf16: bool, gradient_checkpointing: bool, lora_rank: int | None = None) -> dict:
+    """How the critic is built: the full fp32 copy on the CPU default, a bf16 LoRA critic under bf16.
+
+    ``lora_rank``: the policy's, when it has LoRA (else 16).
+    """
+    if not bf16:
+        return {"dtype": torch.float32, "lora_rank": None, "gradient_checkpointing": gradient_checkpointing}
+    return {"dtype": torch.bfloat16, "lora_rank": lora_rank or 16, "gradient_checkpointing": gradient_checkpointing}
 
 
 class CriticAdvantage:
@@ -90,8 +118,12 @@ class CriticAdvantage:
         self.ppo = {"gamma": 1.0, "gae_lambda": 0.95, "critic_learning_rate": 1e-5, "critic_max_grad_norm": 1.0,
                     **ppo_config}
         super().__init__(*args, **kwargs)
-        self.critic = ValueCritic(critic_model_dir).to(self.accelerator.device)
-        self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=self.ppo["critic_learning_rate"])
+        peft_config = getattr(self.accelerator.unwrap_model(self.model), "peft_config", None) or {}
+        policy_rank = next((getattr(c, "r", None) for c in peft_config.values()), None)
+        settings = critic_settings(bool(self.args.bf16), bool(self.args.gradient_checkpointing), policy_rank)
+        self.critic = ValueCritic(critic_model_dir, **settings).to(self.accelerator.device)
+        self.critic_optimizer = torch.optim.AdamW([p for p in self.critic.parameters() if p.requires_grad],
+                                                  lr=self.ppo["critic_learning_rate"])
 
     def _critic_values(self, batch: dict) -> torch.Tensor:
         prompt_ids, completion_ids = batch["prompt_ids"], batch["completion_ids"]
@@ -137,7 +169,7 @@ class CriticAdvantage:
             if self.accelerator.num_processes > 1:
                 # Every rank holds a critic copy: average their gradients, one collective that every
                 # rank calls with the same shapes (a parameter without a gradient counts as zero).
-                params = list(self.critic.parameters())
+                params = [p for p in self.critic.parameters() if p.requires_grad]
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
                 for param, grad in zip(params, average_across_ranks(grads)):
                     param.grad = grad.to(param.dtype)
@@ -152,15 +184,22 @@ class CriticAdvantage:
             from safetensors.torch import save_file
 
             folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-            save_file({k: v.contiguous() for k, v in self.critic.state_dict().items()}, str(folder / CRITIC_WEIGHTS))
+            save_file(self._critic_trained_state(), str(folder / CRITIC_WEIGHTS))
             torch.save(self.critic_optimizer.state_dict(), folder / CRITIC_OPTIMIZER)
+
+    def _critic_trained_state(self) -> dict:
+        """The critic's trained tensors (all of them, or the adapters and head of a LoRA critic)."""
+        params = dict(self.critic.named_parameters())
+        partial = any(not p.requires_grad for p in params.values())
+        return {k: v.detach().contiguous() for k, v in self.critic.state_dict().items()
+                if not partial or (k in params and params[k].requires_grad)}
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and (Path(checkpoint) / CRITIC_WEIGHTS).exists():
             from safetensors.torch import load_file
 
-            self.critic.load_state_dict(load_file(str(Path(checkpoint) / CRITIC_WEIGHTS)))
+            self.critic.load_state_dict(load_file(str(Path(checkpoint) / CRITIC_WEIGHTS)), strict=False)
             # Optimizer state is tensors and plain numbers only.
             self.critic_optimizer.load_state_dict(torch.load(Path(checkpoint) / CRITIC_OPTIMIZER, weights_only=True))
             log.info("restored the critic from %s", checkpoint)
