@@ -9,8 +9,10 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from balancedbio.grpo import variant_settings
+from balancedbio.variants import grpo_recipe
 from balancedbio.weights import build_weight_controller
 
 pytestmark = pytest.mark.slow
@@ -51,6 +53,10 @@ def test_grpo_full_logs_every_field_and_pid_weights_follow_the_success_rates(smo
                          .read_text())
     assert summary["global_step"] == 2 and summary["settings"]["aoc"]["mode"] == "penalty"
     assert (smoke_workdir / "results" / "grpo_full" / "dynamics.png").stat().st_size > 1000
+    # The recipe the rule wrote and ran: the variant's settings, a record beside its results.
+    recipe = yaml.safe_load((smoke_workdir / "results" / "grpo_full" / "recipe.yaml").read_text())
+    assert recipe["variant"] == "full" and recipe["aoc_mode"] == "penalty"
+    assert recipe["dynamics"] == "results/grpo_full/dynamics.jsonl"
     assert (smoke_workdir / "logs" / "grpo_full.log").is_file()
     assert (smoke_workdir / "benchmarks" / "grpo_full.tsv").is_file()
 
@@ -65,11 +71,14 @@ def test_killed_grpo_resumes_from_its_last_checkpoint(smoke_workdir, smoke_confi
     settings["grpo"].update(max_steps=4, save_steps=1)
     results = smoke_workdir / "results"
     checkpoints, out, dynamics = tmp_path / "checkpoints", tmp_path / "model", tmp_path / "dynamics.jsonl"
-    cmd = [sys.executable, "-m", "balancedbio.train", "grpo", "--model", str(results / "models" / "sft"),
-           "--mcq", str(results / "data" / "clean" / "mcq_train.jsonl"),
-           "--prompts", str(results / "data" / "clean" / "prompts.jsonl"), "--prm", str(results / "models" / "prm"),
-           "--out", str(out), "--dynamics", str(dynamics), "--checkpoints", str(checkpoints),
-           "--settings", json.dumps(settings)]
+    # The recipe the workflow writes for this variant, run by the command the rule runs.
+    recipe = grpo_recipe(settings, {"model": str(results / "models" / "sft"),
+                                    "mcq": str(results / "data" / "clean" / "mcq_train.jsonl"),
+                                    "prompts": str(results / "data" / "clean" / "prompts.jsonl"),
+                                    "prm": str(results / "models" / "prm"), "out": str(out),
+                                    "dynamics": str(dynamics), "checkpoints": str(checkpoints)})
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    cmd = [sys.executable, "-m", "balancedbio", "train", "grpo", "--config", str(tmp_path / "recipe.yaml")]
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 600

@@ -63,3 +63,70 @@ def variant_settings(config: dict, variant: str) -> dict:
         raise ValueError(f"unknown GRPO variant {variant!r}: expected one of "
                          f"{', '.join(DEFAULT_VARIANTS + ABLATION_VARIANTS)} or g<group size>")
     return settings
+
+
+# -- a variant's settings as a GRPO recipe (the YAML `balancedbio train grpo --config` reads) ---------
+# Config sections that become prefixed fields of BalancedGRPOConfig, and the grpo keys TRL has no field for.
+PREFIXED_SECTIONS = ("weights", "aoc", "ppo", "rewards")
+GRPO_EXTRA_KEYS = ("prompts_per_step", "max_prompts", "rollout_weights", "advantage_aggregation",
+                   "advantage_std_floor", "resample_constant_groups")
+# grpo keys that are GRPOConfig fields of the same name and meaning.
+TRL_GRPO_KEYS = ("num_generations", "max_completion_length", "temperature", "beta", "epsilon", "loss_type",
+                 "scale_rewards", "max_steps", "save_steps", "use_vllm")
+
+
+def grpo_recipe(settings: dict, paths: dict, world_size: int = 1) -> dict:
+    """The recipe of one variant's ``settings`` (``variant_settings``): BalancedGRPOConfig's fields, TRL's
+    ModelConfig (the starting model, LoRA) and the run's ``paths`` (GRPOScriptArguments: mcq, prompts, prm,
+    out, dynamics, figure, checkpoints; ``model`` is the starting model). Plain YAML-able values."""
+    grpo, training = settings["grpo"], settings["training"]
+    lora = training["lora"]
+    recipe = {
+        "model_name_or_path": paths["model"],
+        **{key: paths.get(key) for key in ("mcq", "prompts", "prm", "out", "dynamics", "figure", "checkpoints")},
+        "output_dir": paths["checkpoints"],
+        # LoRA as TRL's ModelConfig spells it (get_peft_config builds the LoraConfig of models.lora_config).
+        "use_peft": training["use_lora"],
+        **({"lora_r": lora["r"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
+            "lora_target_modules": lora["target_modules"]} if training["use_lora"] else {}),
+        "trust_remote_code": settings["trust_remote_code"],
+        **{key: grpo[key] for key in TRL_GRPO_KEYS},
+        **{f"{section}_{key}": value for section in PREFIXED_SECTIONS for key, value in settings[section].items()},
+        **{key: grpo[key] for key in GRPO_EXTRA_KEYS if key in grpo},
+        "variant": settings["variant"],
+        "use_prm": settings["use_prm"],
+        "advantage_estimator": settings["advantage"],
+        "seed": settings["seed"],
+        "learning_rate": grpo.get("learning_rate") or training["learning_rate"],
+        "lr_scheduler_type": training["lr_scheduler_type"],
+        "warmup_steps": training["warmup_ratio"],  # transformers 5: a float < 1 is a ratio
+        "bf16": training["bf16"],
+        "gradient_checkpointing": training["gradient_checkpointing"],
+        "gradient_accumulation_steps": 1,
+        "logging_steps": 1,  # one dynamics row per optimizer step
+        "save_strategy": "steps",
+        "save_total_limit": 2,
+        "report_to": list(settings.get("report_to") or []),  # the run's logging.report_to
+        "vllm_mode": "colocate",
+        "log_completions": False,
+        "dataloader_num_workers": 0,
+    }
+    if world_size > 1 and training.get("deepspeed_config"):
+        recipe["deepspeed"] = training["deepspeed_config"]
+    return recipe
+
+
+def recipe_settings(args, model_args) -> dict:
+    """What a recipe run trains with, in the sections of the workflow config (``grpo_recipe`` read back):
+    the checkpoint fingerprint compares it and the trained model's summary records it."""
+    lora = {"r": model_args.lora_r, "alpha": model_args.lora_alpha, "dropout": model_args.lora_dropout,
+            "target_modules": model_args.lora_target_modules} if model_args.use_peft else None
+    return {"variant": args.variant, "use_prm": args.use_prm, "advantage": args.advantage_estimator, "seed": args.seed,
+            "trust_remote_code": args.trust_remote_code, "report_to": list(args.report_to or []),
+            **{section: args.section(section) for section in PREFIXED_SECTIONS},
+            "grpo": {**{key: getattr(args, key) for key in TRL_GRPO_KEYS}, **args.section("grpo"),
+                     "learning_rate": args.learning_rate},
+            "training": {"lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+                         "warmup_ratio": args.warmup_steps, "bf16": args.bf16,
+                         "gradient_checkpointing": args.gradient_checkpointing, "deepspeed_config": args.deepspeed,
+                         "use_lora": bool(model_args.use_peft), "lora": lora}}

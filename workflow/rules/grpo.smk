@@ -1,12 +1,11 @@
 # Stage 5: capability-aware GRPO, one job per variant: `full` (the paper's method), the
 # ablations of Table 2, the DWA / PCGrad / GradVac baselines and the group-size sweep.
 
-import json
-
 from balancedbio.variants import (
     ABLATION_VARIANTS,
     GROUP_SIZES,
     VARIANT_PATTERN,
+    grpo_recipe,
     variant_settings,
 )
 
@@ -15,18 +14,59 @@ wildcard_constraints:
     variant=VARIANT_PATTERN,
 
 
+# Where a variant's run writes; the recipe names the same paths.
+GRPO_MODEL = "results/models/grpo_{variant}"
+GRPO_RESULTS = "results/grpo_{variant}"
+
+
+def grpo_paths(variant):
+    """The paths of one variant's run, as its recipe names them (rule grpo's inputs and outputs)."""
+    results = GRPO_RESULTS.format(variant=variant)
+    return {
+        "model": str(rules.sft.output.model),
+        "mcq": str(rules.decontaminate.output.mcq_train),
+        "prompts": str(rules.decontaminate.output.prompts),
+        # The no_prm ablation neither waits for nor loads the process reward model.
+        "prm": None if variant == "no_prm" else str(rules.train_prm.output.model),
+        "out": GRPO_MODEL.format(variant=variant),
+        "dynamics": f"{results}/dynamics.jsonl",
+        "figure": f"{results}/dynamics.png",
+        # Not an output: Snakemake would delete it before a rerun, and resuming needs it.
+        "checkpoints": f"{results}/checkpoints",
+    }
+
+
+# The variant's settings of this config as a recipe, a record of what the grpo rule trains with.
+rule grpo_recipe:
+    output:
+        f"{GRPO_RESULTS}/recipe.yaml",
+    log:
+        "logs/grpo_recipe_{variant}.log",
+    localrule: True
+    conda:
+        "../envs/balancedbio.yaml"
+    params:
+        recipe=lambda wc: grpo_recipe(
+            variant_settings(config, wc.variant),
+            grpo_paths(wc.variant),
+            world_size=int(rule_resources("grpo").get("gpu", 0)),
+        ),
+    script:
+        "../scripts/grpo_recipe.py"
+
+
 rule grpo:
     input:
+        recipe=rules.grpo_recipe.output[0],
         model=rules.sft.output.model,
         mcq=rules.decontaminate.output.mcq_train,
         prompts=rules.decontaminate.output.prompts,
-        # The no_prm ablation neither waits for nor loads the process reward model.
         prm=lambda wc: [] if wc.variant == "no_prm" else rules.train_prm.output.model,
     output:
-        model=directory("results/models/grpo_{variant}"),
-        dynamics="results/grpo_{variant}/dynamics.jsonl",
+        model=directory(GRPO_MODEL),
+        dynamics=f"{GRPO_RESULTS}/dynamics.jsonl",
         figure=report(
-            "results/grpo_{variant}/dynamics.png",
+            f"{GRPO_RESULTS}/dynamics.png",
             caption="../report/grpo.rst",
             category="GRPO",
             subcategory="{variant}",
@@ -45,9 +85,6 @@ rule grpo:
         **rule_resources("grpo"),
     params:
         launch=training_launcher("grpo"),
-        settings=lambda wc: json.dumps(variant_settings(config, wc.variant), sort_keys=True),
-        prm=lambda wc, input: f"--prm {input.prm}" if input.prm else "",
-        checkpoints="results/grpo_{variant}/checkpoints",
         # Every module a GRPO job's results depend on (the answer parser and the step splitter
         # shape the rewards; the rollout copy, the typed config and the models module the run).
         code=code_digest(
@@ -68,11 +105,9 @@ rule grpo:
             "train.py",
             "checkpoints.py",
         ),
+    # `balancedbio train grpo --config ...`, as `python -m balancedbio.train` so that accelerate can launch it.
     shell:
-        "{params.launch} -m balancedbio.train grpo --model {input.model} --mcq {input.mcq}"
-        " --prompts {input.prompts} {params.prm} --out {output.model} --dynamics {output.dynamics}"
-        " --figure {output.figure} --checkpoints {params.checkpoints} --settings {params.settings:q}"
-        " > {log} 2>&1"
+        "{params.launch} -m balancedbio.train grpo --config {input.recipe} > {log} 2>&1"
 
 
 rule ablations:

@@ -1,5 +1,5 @@
-"""One GRPO variant end to end: the prompt dataset, the ``BalancedGRPOConfig``, the trainer, ``dynamics.jsonl``,
-resume from the newest complete checkpoint, the merged model, and the dynamics figure."""
+"""One GRPO run end to end, from its recipe: the prompt dataset, the trainer, resume from the newest complete
+checkpoint, the merged model, ``dynamics.jsonl`` (from the trainer's log history) and the dynamics figure."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from typing import Sequence
 
 from balancedbio.grpo.signals import dynamics_rows
 from balancedbio.grpo.trainer import BalancedGRPOTrainer, CriticAdvantageTrainer, StratifiedGRPOTrainer
-from balancedbio.models import lora_config, save_merged
+from balancedbio.models import save_merged
 from balancedbio.tracking import keep_tensorboard_events
+from balancedbio.variants import grpo_recipe, recipe_settings
 from balancedbio.weights import build_weight_controller
 
 log = logging.getLogger(__name__)
@@ -50,64 +51,39 @@ def build_prompt_dataset(mcq_path: str, prompts_path: str, *, max_prompts: int |
     return Dataset.from_list(medical + instruction)
 
 
-def grpo_config(settings: dict, output_dir: str, world_size: int = 1, deepspeed: str | None = None):
-    """The ``BalancedGRPOConfig`` of one variant's settings (``balancedbio.variants.variant_settings``)."""
-    from balancedbio.training_args import GRPO_EXTRA_KEYS, PREFIXED_SECTIONS, BalancedGRPOConfig
+def parse_recipe(recipe: str | os.PathLike | dict, overrides: Sequence[str] = ()):
+    """A recipe (a YAML file, or its content as a dict) through TRL's parser: the paths
+    (``GRPOScriptArguments``), the ``BalancedGRPOConfig`` and TRL's ``ModelConfig``."""
+    from trl import ModelConfig, TrlParser
 
-    grpo, training = settings["grpo"], settings["training"]
-    same_name = {key: grpo[key] for key in ("num_generations", "max_completion_length", "temperature", "beta",
-                                            "epsilon", "loss_type", "scale_rewards", "max_steps", "save_steps",
-                                            "use_vllm")}
-    ours = {f"{section}_{key}": value for section in PREFIXED_SECTIONS for key, value in settings[section].items()}
-    ours.update({key: grpo[key] for key in GRPO_EXTRA_KEYS if key in grpo})
-    return BalancedGRPOConfig(
-        output_dir=output_dir,
-        **same_name,
-        **ours,
-        variant=settings["variant"],
-        use_prm=settings["use_prm"],
-        advantage_estimator=settings["advantage"],
-        gradient_accumulation_steps=1,
-        learning_rate=grpo.get("learning_rate") or training["learning_rate"],
-        lr_scheduler_type=training["lr_scheduler_type"],
-        warmup_steps=training["warmup_ratio"],  # transformers 5: a float < 1 is a ratio
-        logging_steps=1,
-        save_strategy="steps",
-        save_total_limit=2,
-        bf16=training["bf16"],
-        gradient_checkpointing=training["gradient_checkpointing"],
-        seed=settings["seed"],
-        report_to=list(settings.get("report_to") or []),  # the run's logging.report_to (variant_settings)
-        vllm_mode="colocate",
-        deepspeed=deepspeed if world_size > 1 else None,
-        log_completions=False,
-        dataloader_num_workers=0,
-    )
+    from balancedbio.training_args import BalancedGRPOConfig, GRPOScriptArguments
+
+    parser = TrlParser((GRPOScriptArguments, BalancedGRPOConfig, ModelConfig))
+    if isinstance(recipe, dict):
+        return tuple(parser.parse_dict(recipe))
+    return tuple(parser.parse_args_and_config(["--config", str(recipe), *overrides]))
 
 
-def build_trainer(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: str | None, output_dir: str,
-                  settings: dict | None = None, args=None, peft_config=None, trust_remote_code: bool = False,
-                  world_size: int = 1, deepspeed: str | None = None, callbacks: Sequence = (),
-                  vanilla: bool = False, generation_kwargs: dict | None = None):
-    """The trainer of one variant (or, with ``vanilla``, TRL's GRPOTrainer on the same setup and batches).
+def grpo_config(settings: dict, output_dir: str, world_size: int = 1):
+    """The ``BalancedGRPOConfig`` of one variant's settings, through the recipe the workflow writes."""
+    paths = {"model": "", "mcq": "", "prompts": "", "out": "", "dynamics": "", "checkpoints": output_dir}
+    return parse_recipe(grpo_recipe(settings, paths, world_size))[1]
 
-    Either ``settings`` (a variant's settings dict, as the Snakemake rule passes them) or ``args``
-    (a ``BalancedGRPOConfig``, as a recipe gives it, with ``peft_config`` and ``trust_remote_code``).
-    """
+
+def build_trainer(paths, args, model_args, *, callbacks: Sequence = (), vanilla: bool = False,
+                  generation_kwargs: dict | None = None):
+    """The trainer of one recipe (or, with ``vanilla``, TRL's GRPOTrainer on the same setup and batches)."""
+    from trl import get_peft_config
+
     from balancedbio.models import load_causal_lm, load_tokenizer, training_dtype
     from balancedbio.rewards import build_reward_functions
 
-    if settings is not None:
-        args = grpo_config(settings, output_dir, world_size, deepspeed)
-        peft_config = lora_config(settings["training"]) if settings["training"]["use_lora"] else None
-        trust_remote_code = settings["trust_remote_code"]
-    elif args is None:
-        raise ValueError("build_trainer needs settings or args")
-    dataset = build_prompt_dataset(mcq_path, prompts_path, max_prompts=args.max_prompts, seed=args.seed)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    model_dir, peft_config = model_args.model_name_or_path, get_peft_config(model_args)
+    dataset = build_prompt_dataset(paths.mcq, paths.prompts, max_prompts=args.max_prompts, seed=args.seed)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=args.trust_remote_code)
     model = load_causal_lm(model_dir, dtype=training_dtype(args.bf16, peft_config is not None, args.aoc_mode),
-                           trust_remote_code=trust_remote_code)
-    reward_funcs = build_reward_functions(args.section("rewards"), prm_dir if args.use_prm else None)
+                           trust_remote_code=args.trust_remote_code)
+    reward_funcs = build_reward_functions(args.section("rewards"), paths.prm if args.use_prm else None)
     if generation_kwargs:
         args.generation_kwargs = {**(args.generation_kwargs or {}), **generation_kwargs}
     kwargs = dict(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
@@ -122,42 +98,30 @@ def build_trainer(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: 
     return BalancedGRPOTrainer(**kwargs), tokenizer
 
 
-def run_grpo(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: str | None, out_dir: str,
-             dynamics_path: str, checkpoint_dir: str, settings: dict | None = None, args=None, peft_config=None,
-             trust_remote_code: bool = False, callbacks: Sequence = ()) -> dict:
-    """Train one variant; resumes from the newest checkpoint in ``checkpoint_dir``.
-
-    ``settings`` (the Snakemake rule's) or ``args`` + ``peft_config`` (a recipe's), as in ``build_trainer``.
-    """
+def train_grpo(paths, args, model_args, callbacks: Sequence = ()) -> dict:
+    """Train one recipe (``parse_recipe``); resumes from the newest checkpoint in ``paths.checkpoints``."""
     from transformers import set_seed
 
     from balancedbio.checkpoints import CompletionMarker, last_complete_checkpoint, training_fingerprint
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    checkpoint_root = Path(checkpoint_dir)
-    if settings is not None:
-        args = grpo_config(settings, str(checkpoint_root), world_size, settings["training"].get("deepspeed_config"))
-        peft_config = lora_config(settings["training"]) if settings["training"]["use_lora"] else None
-        trust_remote_code = settings["trust_remote_code"]
-    elif args is None:
-        raise ValueError("run_grpo needs settings or args")
-    else:
-        args.output_dir = str(checkpoint_root)  # checkpoints and resume live there
+    if not model_args.model_name_or_path:
+        raise ValueError("the recipe names no model_name_or_path (the SFT model the policy starts from)")
+    if args.use_prm and not paths.prm:
+        raise ValueError("use_prm is on but the recipe names no prm folder (set prm, or use_prm: false)")
+    checkpoint_root = Path(paths.checkpoints)
+    args.output_dir = str(checkpoint_root)  # checkpoints and resume live there
     set_seed(args.seed)
     checkpoint_root.mkdir(parents=True, exist_ok=True)
     # Resume only a checkpoint of this very run (same settings and inputs); claims the folder.
-    fingerprint = training_fingerprint(settings if settings is not None else args.to_dict(), {"model": model_dir, "mcq": mcq_path, "prompts": prompts_path,
-                                                  "prm": prm_dir})
+    settings = recipe_settings(args, model_args)
+    fingerprint = training_fingerprint(settings, {"model": model_args.model_name_or_path, "mcq": paths.mcq,
+                                                  "prompts": paths.prompts, "prm": paths.prm})
     last = last_complete_checkpoint(checkpoint_root, fingerprint)
     if last:
-        step = int(Path(last).name.split("-")[-1])
         # The checkpoint's trainer_state.json holds the log history up to it: the dynamics resume with it.
-        log.info("resuming %s from %s (step %d)", args.variant, last, step)
+        log.info("resuming %s from %s (step %s)", args.variant, last, Path(last).name.split("-")[-1])
 
-    trainer, tokenizer = build_trainer(
-        model_dir=model_dir, mcq_path=mcq_path, prompts_path=prompts_path, prm_dir=prm_dir, args=args,
-        peft_config=peft_config, trust_remote_code=trust_remote_code, output_dir=str(checkpoint_root),
-        callbacks=[CompletionMarker(fingerprint), *callbacks])
+    trainer, tokenizer = build_trainer(paths, args, model_args, callbacks=[CompletionMarker(fingerprint), *callbacks])
     keep_tensorboard_events(trainer, checkpoint_root)
     controller, reward_funcs, dataset = trainer.weight_controller, trainer.reward_funcs, trainer.train_dataset
     log.info("GRPO %s: %d prompts (%d medical), G=%d, %d prompts/step, %d steps, weights=%s, aoc=%s, "
@@ -170,24 +134,29 @@ def run_grpo(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: str |
                "final_weights": dict(zip(controller.names, controller.weights)),
                "final_success": dict(zip(controller.names, controller.success)),
                "reward_stats": {f.name: dict(getattr(f, "stats", {})) for f in reward_funcs},
-               "settings": settings if settings is not None else _recipe_settings(args)}
+               "settings": settings}
     if trainer.accelerator.is_main_process:
-        save_merged(trainer, tokenizer, out_dir, {"balancedbio_training.json": summary})
+        save_merged(trainer, tokenizer, paths.out, {"balancedbio_training.json": summary})
         from balancedbio.io import atomic_file
 
-        with atomic_file(dynamics_path) as handle:
+        with atomic_file(paths.dynamics) as handle:
             for row in dynamics_rows(trainer.state.log_history, controller.names):
                 handle.write(json.dumps(row) + "\n")
         shutil.rmtree(checkpoint_root, ignore_errors=True)
+        if paths.figure:
+            plot_dynamics(paths.dynamics, paths.figure, title=f"grpo_{args.variant}")
     return summary
 
 
-def _recipe_settings(args) -> dict:
-    """What a recipe run trained with, in the sections of the workflow config (for the model's summary)."""
-    from balancedbio.training_args import PREFIXED_SECTIONS
-
-    return {"variant": args.variant, "use_prm": args.use_prm, "advantage": args.advantage_estimator,
-            "seed": args.seed, **{section: args.section(section) for section in (*PREFIXED_SECTIONS, "grpo")}}
+def run_grpo(*, model_dir: str, mcq_path: str, prompts_path: str, prm_dir: str | None, out_dir: str,
+             dynamics_path: str, checkpoint_dir: str, settings: dict, figure_path: str | None = None,
+             callbacks: Sequence = ()) -> dict:
+    """Train one variant from its workflow ``settings`` (``variant_settings``), through the very recipe the
+    Snakemake rule writes for it (``grpo_recipe``): for scripts and tests that hold a config, not a recipe."""
+    paths = {"model": model_dir, "mcq": mcq_path, "prompts": prompts_path, "prm": prm_dir, "out": out_dir,
+             "dynamics": dynamics_path, "figure": figure_path, "checkpoints": checkpoint_dir}
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return train_grpo(*parse_recipe(grpo_recipe(settings, paths, world_size)), callbacks=callbacks)
 
 
 def read_dynamics(path: str | os.PathLike) -> list[dict]:
