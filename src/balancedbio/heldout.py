@@ -133,27 +133,37 @@ def heldout_instruction_prompts(graph_path: str, mcq_test_path: str, train_promp
 
 def generate_answers(model_dir: str, prompts: list[str], *, max_new_tokens: int, batch_size: int, dtype: str,
                      trust_remote_code: bool = False) -> list[str]:
-    """Greedy chat completions, batched by prompt length (left padding), in the input order."""
-    import torch
-
+    """Greedy chat completions of the model in ``model_dir`` (``greedy_answers``), in the input order."""
     from balancedbio.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-    tokenizer.padding_side = "left"
     model = load_causal_lm(model_dir, dtype=dtype, trust_remote_code=trust_remote_code).eval()
+    return greedy_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+def greedy_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy chat completions of an in-memory model, batched by prompt length (left padding), in the
+    input order (also the learning curves' evaluation during GRPO, ``balancedbio.grpo.curves``)."""
+    import torch
+
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                            add_generation_prompt=True) for p in prompts]
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])  # similar lengths pad little
     answers: list[str | None] = [None] * len(texts)
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                 top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
-            for i, row in zip(batch, out[:, enc["input_ids"].shape[1]:]):
-                answers[i] = tokenizer.decode(row, skip_special_tokens=True)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True,
+                                add_special_tokens=False).to(model.device)
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                     top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+                for i, row in zip(batch, out[:, enc["input_ids"].shape[1]:]):
+                    answers[i] = tokenizer.decode(row, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = padding_side  # the trainer's tokenizer is shared
     return answers  # type: ignore[return-value]
 
 
