@@ -103,6 +103,7 @@ def train_grpo(paths, args, model_args, callbacks: Sequence = ()) -> dict:
     from transformers import set_seed
 
     from balancedbio.checkpoints import CompletionMarker, last_complete_checkpoint, training_fingerprint
+    from balancedbio.grpo.curves import add_heldout_curves
 
     if not model_args.model_name_or_path:
         raise ValueError("the recipe names no model_name_or_path (the SFT model the policy starts from)")
@@ -123,6 +124,7 @@ def train_grpo(paths, args, model_args, callbacks: Sequence = ()) -> dict:
 
     trainer, tokenizer = build_trainer(paths, args, model_args, callbacks=[CompletionMarker(fingerprint), *callbacks])
     keep_tensorboard_events(trainer, checkpoint_root)
+    add_heldout_curves(trainer, paths.dynamics)  # learning curves, when a curve set lies beside the dynamics
     controller, reward_funcs, dataset = trainer.weight_controller, trainer.reward_funcs, trainer.train_dataset
     log.info("GRPO %s: %d prompts (%d medical), G=%d, %d prompts/step, %d steps, weights=%s, aoc=%s, "
              "advantages=%s", args.variant, len(dataset), sum(c == "medical" for c in dataset["capability"]),
