@@ -204,28 +204,34 @@ def _item_rows(task: str, samples: list[dict], kind: str) -> list[dict]:
     return rows
 
 
-def resolve_dtype(name: str) -> str:
-    """``auto`` = bfloat16 where this device multiplies bf16 faster (the rollout copy's probe)."""
+def resolve_dtype(name: str, device: str | None = None) -> str:
+    """``auto`` = bfloat16 where the job's device multiplies bf16 faster (``rollout.faster_dtype``)."""
     if name != "auto":
         return name
     import torch
 
+    from balancedbio.devices import job_device
     from balancedbio.rollout import faster_dtype
 
-    if torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if faster_dtype() == torch.bfloat16 else "float32"
+    return "bfloat16" if faster_dtype(device or job_device()) == torch.bfloat16 else "float32"
 
 
-def language_model(model_dir: str, settings: dict, trust_remote_code: bool = False):
-    """lm-eval's model wrapper: ``hf`` (transformers, any device) or ``vllm`` (CUDA, the gpu extra)."""
+def language_model(model_dir: str, settings: dict, trust_remote_code: bool = False, device: str | None = None):
+    """lm-eval's model wrapper: ``hf`` (transformers, any device) or ``vllm`` (CUDA, the gpu extra).
+
+    ``device``: the job's (``devices.job_device``). lm-eval's HF backend runs where the model
+    instance it is handed lives, so the model is moved there first.
+    """
+    from balancedbio.devices import job_device
+
+    device = device or job_device()
     backend = settings.get("backend", "hf")
     if backend == "vllm":
         try:
             from lm_eval.models.vllm_causallms import VLLM
         except ImportError as err:  # vllm is in the `gpu` extra and needs CUDA
             raise RuntimeError(f"eval.backend: vllm needs the vllm package (pip install -e '.[gpu]'): {err}") from None
-        return VLLM(pretrained=model_dir, dtype=resolve_dtype(settings["dtype"]), batch_size="auto",
+        return VLLM(pretrained=model_dir, dtype=resolve_dtype(settings["dtype"], "cuda"), batch_size="auto",
                     max_length=settings["max_length"], trust_remote_code=trust_remote_code,
                     gpu_memory_utilization=settings.get("vllm_gpu_memory_utilization", 0.8))
     if backend != "hf":
@@ -235,15 +241,15 @@ def language_model(model_dir: str, settings: dict, trust_remote_code: bool = Fal
     from balancedbio.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-    model = load_causal_lm(model_dir, dtype=resolve_dtype(settings["dtype"]), trust_remote_code=trust_remote_code)
-    model.eval()  # weights loaded as safetensors by our loader, then handed to lm-eval
+    model = load_causal_lm(model_dir, dtype=resolve_dtype(settings["dtype"], device), trust_remote_code=trust_remote_code)
+    model.to(device).eval()  # weights loaded as safetensors by our loader, then handed to lm-eval
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings["batch_size"],
                 max_length=settings["max_length"], trust_remote_code=trust_remote_code)
 
 
 def evaluate_benchmark(*, model_dir: str, model_name: str, benchmark_name: str, benchmarks_dir: str | None,
                        settings: dict, out_json: str, out_items: str, kg_test_file: str | None = None,
-                       seed: int = 0, trust_remote_code: bool = False) -> dict:
+                       seed: int = 0, trust_remote_code: bool = False, device: str | None = None) -> dict:
     benchmark = BENCHMARKS[benchmark_name]
     started = time.perf_counter()
     try:
@@ -266,7 +272,7 @@ def evaluate_benchmark(*, model_dir: str, model_name: str, benchmark_name: str, 
     ensure_punkt_tab()
     if benchmark.kind == "ifeval" and settings.get("generation_batch_size"):
         settings = {**settings, "batch_size": settings["generation_batch_size"]}
-    lm = language_model(model_dir, settings, trust_remote_code)
+    lm = language_model(model_dir, settings, trust_remote_code, device)
     specs = task_specs(benchmark, source, settings)
     limit = (settings.get("limit") or {}).get(benchmark_name)
     samples = None

@@ -132,12 +132,15 @@ def heldout_instruction_prompts(graph_path: str, mcq_test_path: str, train_promp
 # ----- generation -----------------------------------------------------------------------------
 
 def generate_answers(model_dir: str, prompts: list[str], *, max_new_tokens: int, batch_size: int, dtype: str,
-                     trust_remote_code: bool = False) -> list[str]:
-    """Greedy chat completions of the model in ``model_dir`` (``greedy_answers``), in the input order."""
+                     trust_remote_code: bool = False, device: str | None = None) -> list[str]:
+    """Greedy chat completions of the model in ``model_dir`` (``greedy_answers``) on ``device`` (None = where
+    it loads), in the input order."""
     from balancedbio.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     model = load_causal_lm(model_dir, dtype=dtype, trust_remote_code=trust_remote_code).eval()
+    if device:
+        model = model.to(device)
     return greedy_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
@@ -202,21 +205,24 @@ def write_heldout_table(model_name: str, rows: list[dict], settings: dict, out_j
 def heldout_rewards(*, model_dir: str, model_name: str, mcq_test: str, graph: str, train_prompts: str,
                     settings: dict, instruct_config: dict, rewards_config: dict, seed: int,
                     benchmarks_dir: str | None, out_json: str, out_items: str,
-                    trust_remote_code: bool = False) -> dict:
-    """Rule heldout_rewards: generate, score with R_acc / R_inst, write the table and the item rows."""
+                    trust_remote_code: bool = False, device: str | None = None) -> dict:
+    """Rule heldout_rewards: generate (on the job's device), score with R_acc / R_inst, write the table and rows."""
     started = time.perf_counter()
     items = heldout_questions(mcq_test, settings["questions"], seed)
     items += heldout_instruction_prompts(graph, mcq_test, train_prompts, instruct_config=instruct_config,
                                          num_prompts=settings["instruction_prompts"], seed=seed,
                                          benchmarks_dir=benchmarks_dir)
+    from balancedbio.devices import job_device
     from balancedbio.evaluation import resolve_dtype
 
-    dtype = resolve_dtype(settings["dtype"])
+    device = device or job_device()
+    dtype = resolve_dtype(settings["dtype"], device)
     answers = generate_answers(model_dir, [i["prompt"] for i in items], max_new_tokens=settings["max_new_tokens"],
-                               batch_size=settings["batch_size"], dtype=dtype, trust_remote_code=trust_remote_code)
+                               batch_size=settings["batch_size"], dtype=dtype, trust_remote_code=trust_remote_code,
+                               device=device)
     rows = score_items(items, answers, rewards_config["instruction_mode"])
     seconds = time.perf_counter() - started
-    result = write_heldout_table(model_name, rows, {**settings, "dtype_used": dtype, "seed": seed,
+    result = write_heldout_table(model_name, rows, {**settings, "dtype_used": dtype, "device": device, "seed": seed,
                                                     "instruction_mode": rewards_config["instruction_mode"],
                                                     "seconds": round(seconds, 1),
                                                     "items_per_second": round(len(rows) / seconds, 3),

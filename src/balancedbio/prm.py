@@ -207,7 +207,9 @@ def _limit_questions(chains: list[dict], limit: int | None, rng) -> list[dict]:
 def _device():
     import torch
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from balancedbio.devices import job_device
+
+    return torch.device(job_device())
 
 
 class PRMScorer:
@@ -388,6 +390,7 @@ def train_prm(*, steps_path: str, encoder: str, out_dir: str, metrics_path: str,
 
     from balancedbio.checkpoints import CompletionMarker, last_complete_checkpoint, training_fingerprint
     from balancedbio.defaults import with_defaults
+    from balancedbio.devices import job_device, single_process_gpu_count
     from balancedbio.models import bf16_autocast, resolve_model
     from balancedbio.tracking import keep_tensorboard_events
 
@@ -436,8 +439,9 @@ def train_prm(*, steps_path: str, encoder: str, out_dir: str, metrics_path: str,
         seed=seed,
         dataloader_num_workers=0,
         bf16=autocast,  # fp32 weights under bf16 autocast
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=job_device() == "cpu",
     )
+    args._n_gpu = single_process_gpu_count(args.n_gpu)  # one device unless launched distributed: no DataParallel
     log.info("PRM precision: %s", "fp32 weights, bf16 autocast" if autocast else "fp32")
     trainer = Trainer(model=model, args=args, train_dataset=train_set,
                       data_collator=DataCollatorWithPadding(tokenizer),

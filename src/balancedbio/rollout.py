@@ -22,12 +22,16 @@ log = logging.getLogger(__name__)
 ROLLOUT_WEIGHTS = ("policy", "float32", "bfloat16", "auto")
 
 
-def faster_dtype(size: int = 768, repeats: int = 5) -> torch.dtype:
-    """bfloat16 if this device multiplies bfloat16 matrices faster than float32 ones, else float32.
+def faster_dtype(device: torch.device | str | None = None, size: int = 768, repeats: int = 5) -> torch.dtype:
+    """bfloat16 if ``device`` (the CPU by default) multiplies bfloat16 matrices faster than float32 ones.
 
-    CPUs with AVX512-BF16 or AMX are several times faster in bfloat16; AVX2-only CPUs emulate it
-    and are much slower. A short measurement decides instead of a CPU-flag table.
+    A CUDA device: bfloat16 wherever it supports it (tensor cores; no CPU benchmark, which would
+    say nothing about the GPU). The CPU: those with AVX512-BF16 or AMX are several times faster
+    in bfloat16, AVX2-only ones emulate it and are much slower; a short measurement decides
+    instead of a CPU-flag table.
     """
+    if torch.device(device or "cpu").type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     timings = {}
     for dtype in (torch.float32, torch.bfloat16):
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
@@ -72,8 +76,9 @@ class RolloutCopy:
     def __init__(self, policy: torch.nn.Module, dtype: str = "auto"):
         if dtype not in ROLLOUT_WEIGHTS[1:]:
             raise ValueError(f"rollout dtype {dtype!r}: expected one of {ROLLOUT_WEIGHTS[1:]}")
-        self.dtype = faster_dtype() if dtype == "auto" else getattr(torch, dtype)
         base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        # auto: decided for the device the policy (hence the copy) lives on
+        self.dtype = faster_dtype(next(base.parameters()).device) if dtype == "auto" else getattr(torch, dtype)
         config = copy.deepcopy(base.config)
         # A fresh model of the same architecture (no adapters), filled by sync() before each use.
         with torch.device("meta"):
