@@ -89,18 +89,21 @@ def test_loose_mode_forgives_a_leading_line():
 
 
 class FakeScorer:
-    """Scores every reasoning step by a fixed margin per keyword, to test the reward arithmetic."""
+    """A stand-in PRM: every step gets margin +2, a step saying 'wrong' -3 (tests the arithmetic)."""
 
-    def score_completions(self, questions, completions, aggregate="mean", options=None):
-        out = []
-        for question, completion in zip(questions, completions):
-            steps = reasoning_steps(question, completion)
-            if not steps:
-                out.append(None)
-                continue
-            values = np.array([-3.0 if "wrong" in s else 2.0 for s in steps])
-            out.append(float(values.min() if aggregate == "min" else values.mean()))
-        return out
+    MARGIN = {"valid": 2.0, "wrong": -3.0}
+
+    def predict_proba(self, pairs):
+        rows = []
+        for _, step in pairs:
+            margin = self.MARGIN["wrong" if "wrong" in step else "valid"]
+            valid = 1 / (1 + math.exp(-margin))
+            rows.append([valid, 0.0, 1 - valid])  # log p(valid) - log p(fallacious) = margin
+        return np.array(rows, dtype=np.float64).reshape(-1, 3)
+
+
+def _sigmoid(x):
+    return 1 / (1 + math.exp(-x))
 
 
 def test_reasoning_reward_is_sigmoid_plus_capped_length_term():
@@ -111,16 +114,31 @@ def test_reasoning_reward_is_sigmoid_plus_capped_length_term():
     filler = "Step 1: lorem ipsum dolor.\nStep 2: sit amet.\nAnswer: B"
     values = reward(prompts=["q"] * 5, completions=[good, mixed, "", good, filler],
                     capability=["medical", "medical", "medical", "instruction", "medical"], question=question)
-    # Three steps each: two reasoning steps and the conclusion from the answer line.
-    assert values[0] == pytest.approx(1 / (1 + math.exp(-2.0)) + 0.01 * 5)
-    assert values[1] == pytest.approx(1 / (1 + math.exp(-(2 - 3 + 2) / 3)) + 0.01 * 5)
+    # Two reasoning steps and the conclusion from the answer line, weighted half and half;
+    # 9 distinct words, capped at 5.
+    assert values[0] == pytest.approx(_sigmoid(0.5 * 2 + 0.5 * 2) + 0.01 * 5, abs=1e-5)
+    assert values[1] == pytest.approx(_sigmoid(0.5 * (2 - 3) / 2 + 0.5 * 2) + 0.01 * 5, abs=1e-5)
     assert values[2] == 0.0
     assert values[3] is None  # instruction prompts get no reasoning reward
     assert values[4] == 0.0, "no step names anything the question is about: no reward, not even for length"
     assert reward.last_success == [True, True, False, None, False]
     assert reward.stats["no_steps"] == 2
-    assert ReasoningReward(FakeScorer(), aggregate="min")(
-        prompts=["q"], completions=[mixed], question=question[:1])[0] < values[1]
+    min_mixed = ReasoningReward(FakeScorer(), gamma=0.01, length_target=5, aggregate="min")(
+        prompts=["q"], completions=[mixed], question=question[:1])[0]
+    assert min_mixed == pytest.approx(_sigmoid(0.5 * -3 + 0.5 * 2) + 0.01 * 5, abs=1e-5)
+
+
+def test_the_answer_key_sets_the_conclusions_sign():
+    """With an answer key, the right letter's conclusion counts at least 0 and any other at most
+    -1, whatever the PRM says of it (here it calls every conclusion valid, +2)."""
+    reward = ReasoningReward(FakeScorer(), gamma=0.0)
+    text = "Step 1: Beta cells of the pancreas make insulin.\nAnswer: {}"
+    values = reward(prompts=["q"] * 4, completions=[text.format(x) for x in "BAB"] + [text.format("A or B")],
+                    question=[QUESTION] * 4, answer=["B", "B", None, "B"])
+    assert values[0] == pytest.approx(_sigmoid(0.5 * 2 + 0.5 * 2), abs=1e-5)
+    assert values[1] == pytest.approx(_sigmoid(0.5 * 2 + 0.5 * -1), abs=1e-5)
+    assert values[2] == values[0], "no key: the PRM's own verdict on the conclusion"
+    assert values[3] == values[1], "a hedge is not the right letter"
 
 
 @pytest.mark.parametrize("text, steps", [

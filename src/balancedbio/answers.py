@@ -2,9 +2,11 @@
 
 Used by the accuracy reward and by generative evaluation, so both read answers the same
 way. Recognised: "Answer: C", "the correct answer is (C).", "Final answer - C", a final line
-holding only "C" or "(C)", ``{"answer": "C"}``, and the option's text instead of its letter.
-The last declared answer wins (a model may correct itself); a declaration naming two
-letters ("A or C", "B/D") is a hedge and counts as no answer.
+holding only "C" or "(C)", ``{"answer": "C"}``, and the option's text instead of its letter,
+in any case and through markdown emphasis ("**Answer: B**", "__Answer__: (b)", "### Answer: C").
+The last declared answer wins (a model may correct itself). A declaration is read to the end
+of its clause (sentence or line) before it is judged: one naming two options ("A or C",
+"B/D", "<option text> or <other option text>") is a hedge and counts as no answer.
 """
 
 from __future__ import annotations
@@ -22,11 +24,24 @@ _DECLARATION = re.compile(
 _JSON_ANSWER = re.compile(r'"(?:answer|final_answer|choice)"\s*:\s*"\s*\(?(' + _LETTER + r')\)?\s*"', re.IGNORECASE)
 # [ \t]*, not \s*: a blank run must not span lines, or each of n blank lines rescans the rest.
 _BARE_LINE = re.compile(r"^[ \t]*[\(\[]?(" + _LETTER + r")[\)\]]?[ \t]*[.:]?[ \t]*$", re.MULTILINE)
-_TAIL_LETTER = re.compile(r"(?<![A-Za-z0-9'])[\(\[]?(" + _LETTER + r")[\)\]]?(?![A-Za-z0-9'])")
-_CLAUSE_CHARS = 120  # what a declaration names is read from this many characters after it
+# (?!\.\w): the 'E' of "E.g." is not a letter.
+_TAIL_LETTER = re.compile(r"(?<![A-Za-z0-9'])[\(\[]?(" + _LETTER + r")[\)\]]?(?![A-Za-z0-9'])(?!\.\w)")
+# A lower-case letter is a letter only where an article cannot be: bracketed, or followed by
+# punctuation, 'or', 'and' or the end of the clause ("answer: b.", "(c)", "a or b"; not "a pancreas").
+_LOWER_LETTER = re.compile(r"(?<![A-Za-z0-9'])(?:[\(\[]([a-e])[\)\]]|([a-e])(?=[.,;:!?/)\]]|\s+(?:or|and)\b|\s*$))(?!\.\w)")
+# Markdown emphasis and code marks around or inside an answer line ("**Answer:** __b__").
+_EMPHASIS = re.compile(r"\*+|(?<!\w)_+|_+(?!\w)|`+")
+_CLAUSE_CHARS = 1_000  # a declared clause is read to its end, but no further than this
+_LETTER_LEAD_CHARS = 12  # "Answer: the pancreas, which is A": a letter this far in is not the declared one
 _TAIL_CHARS = 20_000  # only the end of a completion is read: the answer is there
 _MAX_DECLARATIONS = 64
-_HEDGE_JOIN = re.compile(r"^\s*(?:or|and|/|,|&)\s*$", re.IGNORECASE)
+# What may stand between two options for them to be offered together: "A or C", "A/C", "A, C",
+# "Liver, or else pancreas", "(A) and/or (C)".
+_JOIN_WORDS = frozenset({"or", "and", "either", "else", "/", "&"})
+_JOIN_TOKEN = re.compile(r"[a-z]+|[/&]")
+# A break followed by one of these continues the clause ("...anemia. or The tricuspid...").
+_CONTINUES = re.compile(r"[\W_]*(?:(?:or|and|either)\b|[/&])", re.IGNORECASE)
+_CLAUSE_BREAK = re.compile(r"(?<=[.!?])\s|\n")
 
 
 @dataclass(frozen=True)
@@ -39,33 +54,75 @@ def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
 
 
+def _option_pattern(option: str) -> re.Pattern | None:
+    words = _norm(option).split()
+    if not words:
+        return None
+    return re.compile(r"(?<!\w)" + r"[\W_]+".join(map(re.escape, words)) + r"(?!\w)", re.IGNORECASE)
+
+
+def _option_mentions(text: str, options: dict[str, str]) -> list[tuple[int, int, str]]:
+    """(start, end, letter) of each place ``text`` names an option by its text, in order. A
+    mention inside a longer option's mention ("Seizure" in "Focal seizure") is not separate."""
+    spans = []
+    for letter, option in options.items():
+        pattern = _option_pattern(str(option))
+        if pattern is not None:
+            spans += [(m.start(), m.end(), letter) for m in pattern.finditer(text)]
+    kept, reach = [], (-1, -1)  # (end, start) of the furthest-reaching span so far: one sweep, not n^2
+    for start, end, letter in sorted(spans, key=lambda s: (s[0], -s[1])):
+        if not (reach[0] > end or (reach[0] == end and reach[1] < start)):
+            kept.append((start, end, letter))
+        if end > reach[0]:
+            reach = (end, start)
+    return kept
+
+
 def _option_in(text: str, options: dict[str, str]) -> str | None:
     """The single option whose text appears in ``text`` (None if none or several)."""
-    haystack = f" {_norm(text)} "
-    found = {letter for letter, option in options.items() if _norm(option) and f" {_norm(option)} " in haystack}
-    # An option that is a substring of another found option ("Seizure" in "Focal seizure") is not separate.
-    found = {a for a in found if not any(a != b and _norm(options[a]) in _norm(options[b]) for b in found)}
+    found = {letter for _, _, letter in _option_mentions(text, options)}
     return found.pop() if len(found) == 1 else None
+
+
+def _letter_mentions(clause: str) -> list[tuple[int, int, str]]:
+    upper = [(m.start(), m.end(), m.group(1)) for m in _TAIL_LETTER.finditer(clause)]
+    lower = [(m.start(), m.end(), (m.group(1) or m.group(2)).upper()) for m in _LOWER_LETTER.finditer(clause)]
+    return sorted(upper + lower)
+
+
+def _is_hedge(clause: str, mentions: list[tuple[int, int, str]]) -> bool:
+    """Two different options named next to each other, joined only by 'or', 'and', '/', ','."""
+    for (_, end, a), (start, _, b) in zip(mentions, mentions[1:]):
+        if a != b and set(_JOIN_TOKEN.findall(clause[end:start].lower())) <= _JOIN_WORDS:
+            return True
+    return False
+
+
+def _clause(tail: str, options: dict[str, str] | None) -> str:
+    """The declared clause: up to the end of its sentence or line, read whole before it is
+    judged. A break inside an option's text ('...of Fallot. ...') does not end it, nor does
+    one followed by 'or' / 'and' ('<option text>.\nor <other option text>')."""
+    tail = tail[:_CLAUSE_CHARS]
+    spans = [(start, end) for start, end, _ in _option_mentions(tail, options)] if options else []
+    for match in _CLAUSE_BREAK.finditer(tail):
+        if any(start < match.start() < end for start, end in spans) or _CONTINUES.match(tail, match.end()):
+            continue
+        return tail[:match.start()]
+    return tail
 
 
 def _declared(tail: str, options: dict[str, str] | None) -> str | None:
     """What a declaration such as 'Answer: ...' names: a letter, HEDGE, or None."""
-    clause = re.split(r"(?<=[.!?])\s|\n", tail[:_CLAUSE_CHARS], maxsplit=1)[0]
-    letters = [m for m in _TAIL_LETTER.finditer(clause)]
-    if letters:
-        first = letters[0]
-        if first.start() > 12:  # "Answer: the pancreas, which is A" -- too far to be the declared letter
-            letters = []
-        else:
-            distinct = {m.group(1) for m in letters[:3]}
-            joined = any(_HEDGE_JOIN.match(clause[a.end():b.start()]) for a, b in zip(letters, letters[1:]))
-            if len(distinct) > 1 and joined:
-                return HEDGE
-            return first.group(1)
-    lone = re.fullmatch(r"\s*[\(\[]?([a-eA-E])[\)\]]?\s*[.!]?\s*", clause)
-    if lone:  # "the answer is c." -- a lone lower-case letter is a letter, "a pancreas" is not
-        return lone.group(1).upper()
-    if options:
+    clause = _clause(tail, options)
+    letters = _letter_mentions(clause)
+    texts = _option_mentions(clause, options) if options else []
+    if letters and letters[0][0] <= _LETTER_LEAD_CHARS:
+        if _is_hedge(clause, sorted(letters + texts)):
+            return HEDGE
+        return letters[0][2]
+    if texts:
+        if _is_hedge(clause, texts):
+            return HEDGE
         return _option_in(clause, options)
     return None
 
@@ -74,7 +131,8 @@ def extract_choice(text: object, options: dict[str, str] | None = None) -> Extra
     """The answer letter a completion commits to (see the module docstring); never raises."""
     if not isinstance(text, str):
         return Extraction(None, "no_answer")
-    text = text[-_TAIL_CHARS:].replace("\x00", " ")  # the answer is at the end; bound the work on huge outputs
+    # The answer is at the end: bound the work on huge outputs. Emphasis marks say nothing.
+    text = _EMPHASIS.sub("", text[-_TAIL_CHARS:].replace("\x00", " "))
     found: list[tuple[int, str]] = []
     # The last declaration that names something is the only one that can win: read them from
     # the end, and at most _MAX_DECLARATIONS of them (a completion is not a list of thousands).

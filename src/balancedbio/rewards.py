@@ -3,7 +3,8 @@
 Each component is a callable with TRL's signature ``(prompts, completions, **columns) ->
 list[float | None]``: completions may be plain strings or chat messages, dataset columns
 arrive as keyword lists, and ``None`` marks a component that does not apply to a sample
-(TRL turns it into NaN and sums the weighted components with ``nansum``):
+(TRL turns it into NaN and sums the weighted components with ``nansum``, so a non-finite
+score is raised as an error, never returned):
 
 - ``AccuracyReward`` (eq. 7): 1 when the extracted answer letter equals the ``answer``
   column, else 0; not applicable to prompts without an ``answer``.
@@ -11,9 +12,10 @@ arrive as keyword lists, and ``None`` marks a component that does not apply to a
   (``instruction_id_list`` + ``kwargs`` columns) the completion satisfies, scored by IFEval's
   own checker, strict or loose; not applicable to prompts without constraints.
 - ``ReasoningReward`` (eq. 8): sigmoid(PRM score) + gamma * min(len(o), L_target), the PRM
-  score being the mean (or min) margin over the completion's reasoning steps and its
-  conclusion (``balancedbio.prm.reasoning_steps``); 0 for a completion with no reasoning
-  step; applies to medical prompts.
+  score being the mean (or min) margin over the completion's distinct reasoning steps
+  (``balancedbio.prm.reasoning_steps``, near duplicates once, at most MAX_SCORED_STEPS) with
+  the conclusion weighted apart, len(o) its distinct words; 0 for a completion with no
+  reasoning step; applies to medical prompts. See the class for why each piece is there.
 
 After each call a component holds ``last_success`` (per sample: True / False / None), which
 the PID weight controller reads, and running counters in ``stats`` (parse failures etc.).
@@ -76,6 +78,12 @@ class RewardComponent:
         self._count("calls")
         self._count("samples", len(completions))
         rewards, success = self.score(list(prompts), [completion_text(c) for c in completions], columns)
+        for index, value in enumerate(rewards):
+            # TRL reads NaN as "does not apply" (None): a NaN here would silently drop the
+            # component, so it is an error, not a score.
+            if value is not None and not math.isfinite(value):
+                raise FloatingPointError(f"{self.name} reward is {value} for sample {index} of {len(rewards)}; "
+                                         f"a reward must be finite (check the rewards.* settings)")
         self.last_success = success
         self._count("not_applicable", sum(r is None for r in rewards))
         return rewards
@@ -190,49 +198,131 @@ class InstructionReward(RewardComponent):
 
 
 class ReasoningReward(RewardComponent):
-    """R_reas = sigmoid(PRM score) + gamma * min(len(o), L_target), len in words; 0 when the
-    completion has no reasoning step (the length term rewards reasoning, not filler)."""
+    """R_reas = sigmoid(PRM score) + gamma * min(len(o), L_target), made hard to farm:
+
+    - the PRM scores the distinct reasoning steps only: a step whose content words nearly
+      repeat an earlier step's (``near_duplicate``) is scored once, and at most
+      ``MAX_SCORED_STEPS`` of them (the training chains have 1-6 steps before the conclusion);
+    - the PRM score is ``(1 - CONCLUSION_WEIGHT) * aggregate(step margins) + CONCLUSION_WEIGHT *
+      conclusion margin``: the conclusion's weight does not shrink as steps are added. Where the
+      answer key is known (an ``answer`` column), the conclusion's margin takes the key's sign,
+      as the PRM was trained to give it (right letter valid, any other fallacious): at least 0
+      for the right letter, at most -1 for a wrong one, a hedge or no answer line, so a wrong
+      final letter always lowers R_reas;
+    - len(o) counts the distinct words of the scored steps, so repeating or padding adds nothing;
+    - 0 when the completion has no reasoning step (the length term rewards reasoning, not filler).
+    """
 
     name = "reasoning"
 
     def __init__(self, scorer, *, gamma: float = 0.001, length_target: int = 200, aggregate: str = "mean"):
         super().__init__()
         if aggregate not in {"mean", "min"}:
-            raise ValueError(f"reasoning aggregate must be 'mean' or 'min', not {aggregate!r}")
+            raise ValueError(f"rewards.prm_aggregate must be 'mean' or 'min', not {aggregate!r}")
+        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma)):
+            raise ValueError(f"rewards.gamma must be a finite number, not {gamma!r}")
         self.scorer, self.gamma, self.length_target, self.aggregate = scorer, gamma, length_target, aggregate
 
     def score(self, prompts, texts, columns):
+        from balancedbio.prm import build_input, margins
+
         capability = _column(columns, "capability", len(texts))
         questions = _column(columns, "question", len(texts))
         options = _column(columns, "options", len(texts))
+        keys = _column(columns, "answer", len(texts))
         todo = [i for i, c in enumerate(capability) if c in (None, "medical")]
         rewards: list[float | None] = [None] * len(texts)
         success: list[bool | None] = [None] * len(texts)
-        if not todo:
-            return rewards, success
-        margins = self.scorer.score_completions([questions[i] or prompt_text(prompts[i]) for i in todo],
-                                                [texts[i] for i in todo], aggregate=self.aggregate,
-                                                options=[options[i] for i in todo])
-        for i, margin in zip(todo, margins):
-            if margin is None:  # no reasoning step at all
+        plans = {i: scored_steps(questions[i] or prompt_text(prompts[i]), texts[i], options[i]) for i in todo}
+        pairs, owners = [], []
+        for i, (steps, conclusion, _) in plans.items():
+            question = questions[i] or prompt_text(prompts[i])
+            for k, step in enumerate(steps + ([conclusion] if conclusion else [])):
+                pairs.append(build_input(question, steps[:k], step))
+                owners.append(i)
+        per_step = margins(self.scorer.predict_proba(pairs)) if pairs else []
+        by_owner: dict[int, list[float]] = {}
+        for owner, value in zip(owners, per_step):
+            by_owner.setdefault(owner, []).append(float(value))
+        for i, (steps, conclusion, letter) in plans.items():
+            if not steps:
                 self._count("no_steps")
                 rewards[i], success[i] = 0.0, False
-            else:
-                length_term = self.gamma * min(_word_count(texts[i], self.length_target), self.length_target)
-                rewards[i] = 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, margin)))) + length_term
-                success[i] = margin > 0
+                continue
+            values = by_owner[i]
+            if not all(math.isfinite(v) for v in values):
+                raise FloatingPointError(f"reasoning reward: the PRM gave a non-finite step margin ({values}) for "
+                                         f"sample {i}; its weights are probably NaN (retrain the PRM)")
+            body = values[:len(steps)]
+            concluded = values[len(steps)] if conclusion else 0.0
+            key = keys[i].strip().upper() if isinstance(keys[i], str) and keys[i].strip() else None
+            if key is not None:
+                concluded = max(concluded, 0.0) if letter == key else min(concluded, 0.0) - 1.0
+            aggregated = min(body) if self.aggregate == "min" else sum(body) / len(body)
+            margin = (1.0 - CONCLUSION_WEIGHT) * aggregated + CONCLUSION_WEIGHT * concluded
+            length_term = self.gamma * min(distinct_word_count(steps + ([conclusion] if conclusion else []),
+                                                               self.length_target), self.length_target)
+            rewards[i] = 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, margin)))) + length_term
+            success[i] = margin > 0
         return rewards, success
 
 
-def _word_count(text: str, limit: int) -> int:
-    """Whitespace-separated words, counted up to ``limit`` (the length term's cap), so a huge
-    completion costs no more than a long one."""
-    count = 0
-    for _ in re.finditer(r"\S+", text):
-        count += 1
-        if count >= limit:
+CONCLUSION_WEIGHT = 0.5  # of the PRM score, however many steps precede the conclusion
+# The PRM's training chains (data/reasoning.py build_chains) have 1 to 6 steps before their
+# conclusion; more distinct steps than this are not scored (the PRM has not seen such chains).
+MAX_SCORED_STEPS = 8
+NEAR_DUPLICATE = 0.75  # Jaccard similarity of two steps' content words at or above which they are one step
+_NEGATION = re.compile(r"\b(?:not|no|never|cannot|without)\b|n't\b", re.IGNORECASE)
+
+
+def _step_signature(step: str) -> frozenset[str]:
+    from balancedbio.prm import content_words
+
+    # Numbers say nothing a step needs to differ by ("fact 1", "fact 2"); a negation does.
+    words = {w for w in content_words(step) if not w.isdigit()}
+    return frozenset(words | ({"<not>"} if _NEGATION.search(step) else set()))
+
+
+def near_duplicate(a: frozenset[str], b: frozenset[str]) -> bool:
+    union = a | b
+    return bool(union) and len(a & b) / len(union) >= NEAR_DUPLICATE
+
+
+def scored_steps(question: str, text: str, options: object) -> tuple[list[str], str | None, str | None]:
+    """(distinct reasoning steps, conclusion step or None, the letter it names or None): what
+    the PRM scores for a completion. The steps are ``prm.reasoning_steps`` without near
+    duplicates, at most MAX_SCORED_STEPS; the conclusion is the last of them when the
+    completion ends in an answer line."""
+    from balancedbio.prm import _completion_parts, parse_options, reasoning_steps
+
+    options = options if isinstance(options, dict) and options else parse_options(question or "")
+    steps = reasoning_steps(question, text, options)
+    answer_line = _completion_parts(text)[1] if steps else None
+    conclusion = steps.pop() if answer_line is not None else None
+    kept: list[str] = []
+    signatures: list[frozenset[str]] = []
+    for step in steps:
+        signature = _step_signature(step)
+        if any(near_duplicate(signature, seen) for seen in signatures):
+            continue
+        kept.append(step)
+        signatures.append(signature)
+        if len(kept) == MAX_SCORED_STEPS:
             break
-    return count
+    letter = extract_choice(answer_line, options or None).letter if answer_line else None
+    return kept, conclusion, letter
+
+
+def distinct_word_count(steps: Sequence[str], limit: int) -> int:
+    """Distinct words (lower-cased) of the scored steps, counted up to ``limit`` (the length
+    term's cap): what a completion says, not how often it says it."""
+    seen: set[str] = set()
+    for step in steps:
+        for match in re.finditer(r"\w+", step.lower()):
+            seen.add(match.group())
+            if len(seen) >= limit:
+                return limit
+    return len(seen)
 
 
 def build_reward_functions(reward_config: dict, prm_dir: str | None) -> list[RewardComponent]:
