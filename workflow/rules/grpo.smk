@@ -8,6 +8,7 @@ from balancedbio.variants import (
     grpo_recipe,
     variant_settings,
 )
+from balancedbio.heldout import heldout_settings
 
 
 wildcard_constraints:
@@ -55,6 +56,32 @@ rule grpo_recipe:
         "../scripts/grpo_recipe.py"
 
 
+# The fixed held-out items of the learning curves (eval.heldout_rewards' items, grpo.heldout_eval_steps).
+rule heldout_curve_set:
+    input:
+        kg_test=rules.kg_synth.output.mcq_test,
+        graph=rules.build_kg.output[0],
+        train_mcq=rules.decontaminate.output.mcq_train,
+        train_prompts=rules.decontaminate.output.prompts,
+    output:
+        f"{GRPO_RESULTS}/heldout_curve_set.json",
+    log:
+        "logs/heldout_curve_set_{variant}.log",
+    localrule: True
+    conda:
+        "../envs/balancedbio.yaml"
+    params:
+        every_steps=config["grpo"]["heldout_eval_steps"],
+        settings=heldout_settings(config),
+        instruct=config["instruct"],
+        instruction_mode=config["rewards"]["instruction_mode"],
+        seed=config["seed"],
+        benchmarks_dir=config["benchmarks_dir"],
+        code=code_digest("grpo/curves.py", "heldout.py", "data/instruct.py"),
+    script:
+        "../scripts/heldout_curve_set.py"
+
+
 rule grpo:
     input:
         recipe=rules.grpo_recipe.output[0],
@@ -62,6 +89,9 @@ rule grpo:
         mcq=rules.decontaminate.output.mcq_train,
         prompts=rules.decontaminate.output.prompts,
         prm=lambda wc: [] if wc.variant == "no_prm" else rules.train_prm.output.model,
+        # The learning curves' held-out items (empty while grpo.heldout_eval_steps is 0): the run reads it
+        # beside its dynamics (balancedbio.grpo.curves.curve_set_path).
+        curves=f"{GRPO_RESULTS}/heldout_curve_set.json",
     output:
         model=directory(GRPO_MODEL),
         dynamics=f"{GRPO_RESULTS}/dynamics.jsonl",
