@@ -1,0 +1,126 @@
+"""Learning curves (issue 23): held-out rewards logged every k GRPO steps, disjoint from the training prompts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _tiny_run_inputs(tmp_path):
+    from fault_sft_job import build_inputs
+
+    build_inputs(tmp_path)
+    mcq, prompts = tmp_path / "mcq.jsonl", tmp_path / "prompts.jsonl"
+    mcq.write_text(json.dumps({"id": "m1", "question": "w1 w2", "options": {"A": "w3", "B": "w4"},
+                               "answer": "A"}) + "\n")
+    prompts.write_text(json.dumps({"key": 1, "prompt": "w5 w6", "instruction_id_list": ["punctuation:no_comma"],
+                                   "kwargs": [{}]}) + "\n")
+    return mcq, prompts
+
+
+def test_curve_callback_logs_heldout_rewards_at_every_kth_and_the_last_step(tmp_path):
+    from balancedbio.config import load_config
+    from balancedbio.grpo import run_grpo
+    from balancedbio.grpo.curves import curve_set_path
+    from balancedbio.io import write_json
+    from balancedbio.variants import variant_settings
+
+    mcq, prompts = _tiny_run_inputs(tmp_path)
+    # Two accuracy items (one of them answered 'A', one 'B') and one instruction item: n is counted per component.
+    items = [{"id": f"kg:q{i}", "component": "accuracy", "prompt": f"w{7 + i} w8", "answer": answer,
+              "options": {"A": "w3", "B": "w4"}} for i, answer in enumerate("AB")]
+    items.append({"id": "inst:1", "component": "instruction", "prompt": "w9 w10",
+                  "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]})
+    dynamics = tmp_path / "run" / "dynamics.jsonl"
+    dynamics.parent.mkdir()
+    write_json(curve_set_path(dynamics), {"every_steps": 2, "max_new_tokens": 4, "batch_size": 2,
+                                          "dtype": "float32", "instruction_mode": "strict", "items": items})
+    config = load_config(Path(__file__).resolve().parents[1] / ".test" / "config" / "config.yaml")
+    settings = variant_settings(config, "no_prm")
+    settings["grpo"].update(max_steps=3, save_steps=100, max_completion_length=4, rollout_weights="policy")
+    settings["aoc"]["mode"] = "off"
+    settings["report_to"] = []
+    run_grpo(model_dir=str(tmp_path / "model"), mcq_path=str(mcq), prompts_path=str(prompts), prm_dir=None,
+             out_dir=str(tmp_path / "out"), dynamics_path=str(dynamics),
+             checkpoint_dir=str(tmp_path / "checkpoints"), settings=settings)
+
+    rows = {row["step"]: row for row in map(json.loads, dynamics.read_text().splitlines())}
+    assert sorted(rows) == [1, 2, 3]
+    assert not any(key.startswith("heldout_") for key in rows[1])  # step 1 is not due
+    for step in (2, 3):  # every 2nd step, and the last
+        row = rows[step]
+        assert row["heldout_accuracy_n"] == 2 and row["heldout_instruction_n"] == 1
+        assert row["heldout_accuracy"] in (0.0, 0.5, 1.0)  # the mean of two 0/1 rewards
+        assert row["heldout_accuracy_low"] <= row["heldout_accuracy"] <= row["heldout_accuracy_high"]
+        assert 0.0 <= row["heldout_instruction"] <= 1.0
+        assert row["heldout_seconds"] > 0
+
+
+def test_curve_metrics_are_the_heldout_summary_of_the_scored_rows():
+    from balancedbio.grpo.curves import curve_metrics
+    from balancedbio.heldout import score_items
+
+    items = [{"id": "kg:1", "component": "accuracy", "prompt": "q", "answer": "B", "options": {"A": "x", "B": "y"}},
+             {"id": "kg:2", "component": "accuracy", "prompt": "q", "answer": "A", "options": {"A": "x", "B": "y"}},
+             {"id": "inst:1", "component": "instruction", "prompt": "p", "instruction_id_list": ["punctuation:no_comma"],
+              "kwargs": [{}]}]
+    rows = score_items(items, ["Reasoning.\nAnswer: B", "Answer: B", "no comma here"])
+    record = curve_metrics(rows)
+    assert record["heldout_accuracy"] == 0.5 and record["heldout_accuracy_n"] == 2
+    assert record["heldout_instruction"] == 1.0 and record["heldout_instruction_n"] == 1
+    assert 0 < record["heldout_accuracy_low"] < 0.5 < record["heldout_accuracy_high"] < 1  # Wilson, n = 2
+
+
+def test_a_heldout_item_that_is_a_training_prompt_is_refused(tmp_path):
+    from balancedbio.data.formatting import format_mcq_prompt
+    from balancedbio.grpo.curves import check_disjoint
+
+    mcq, prompts = _tiny_run_inputs(tmp_path)
+    fresh = [{"id": "kg:9", "prompt": format_mcq_prompt("w7 w8", {"A": "w3", "B": "w4"})},
+             {"id": "inst:9", "prompt": "w9 w10"}]
+    check_disjoint(fresh, str(mcq), str(prompts))
+    for leaked in ({"id": "kg:1", "prompt": format_mcq_prompt("w1 w2", {"A": "w3", "B": "w4"})},
+                   {"id": "inst:1", "prompt": "w5 w6"}):
+        with pytest.raises(ValueError, match=leaked["id"]):
+            check_disjoint([*fresh, leaked], str(mcq), str(prompts))
+
+
+def test_curves_off_or_no_set_registers_nothing(tmp_path):
+    from balancedbio.grpo.curves import curve_set_path, load_curve_set
+
+    dynamics = tmp_path / "dynamics.jsonl"
+    assert load_curve_set(curve_set_path(dynamics)) is None
+    curve_set_path(dynamics).write_text(json.dumps({"every_steps": 0, "max_new_tokens": 8, "batch_size": 1,
+                                                    "items": []}))
+    assert load_curve_set(curve_set_path(dynamics)) is None
+    curve_set_path(dynamics).write_text(json.dumps({"every_steps": 2, "items": []}))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        load_curve_set(curve_set_path(dynamics))
+
+
+@pytest.mark.slow
+def test_the_smoke_runs_curve_set_is_disjoint_from_its_grpo_training_prompts(smoke_workdir, smoke_config):
+    from balancedbio.data.formatting import format_mcq_prompt
+    from balancedbio.grpo.curves import write_curve_set
+    from balancedbio.heldout import heldout_settings
+    from balancedbio.io import read_jsonl
+
+    data = smoke_workdir / "results" / "data"
+    train_mcq, train_prompts = data / "clean" / "mcq_train.jsonl", data / "clean" / "prompts.jsonl"
+    curve_set = write_curve_set(
+        str(smoke_workdir / "curve_set.json"), every_steps=1, mcq_test=str(data / "kg" / "mcq_test.jsonl"),
+        graph=str(data / "kg" / "graph.json.gz"), train_mcq=str(train_mcq), train_prompts=str(train_prompts),
+        settings=heldout_settings(smoke_config), instruct_config=smoke_config["instruct"],
+        instruction_mode="strict", seed=smoke_config["seed"], benchmarks_dir=smoke_config["benchmarks_dir"])
+    items = curve_set["items"]
+    assert {i["component"] for i in items} == {"accuracy", "instruction"}
+    trained = {format_mcq_prompt(r["question"], r["options"]) for r in read_jsonl(train_mcq)}
+    trained |= {r["prompt"] for r in read_jsonl(train_prompts)}
+    assert not trained & {i["prompt"] for i in items}
+    train_ids = {f"kg:{r['id']}" for r in read_jsonl(train_mcq)}
+    assert not train_ids & {i["id"] for i in items if i["component"] == "accuracy"}
