@@ -72,3 +72,20 @@ lock: | $(BIN)/python
 
 clean:
 	rm -rf results logs benchmarks .snakemake
+
+# The GPU check (issue 25; kit: ../shared/gpu/README.md). With CUDA: the `.test` workflow on the GPU
+# with random weights at the real shapes, the per-process GPU-use table and bench/grpo_step.py, by
+# .gpu/run.sh (the bundle `bash ../shared/gpu/make_bundle.sh` builds; output in .gpu/out). Without
+# CUDA it says so and runs what a CPU allows: the device-choice tests and the AOC probe agreement.
+.PHONY: gpu-check
+gpu-check:
+	@PY=$$( [ -x $(BIN)/python ] && echo $(BIN)/python || echo python3 ); \
+	if $$PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
+	  [ -d .gpu ] || bash ../shared/gpu/make_bundle.sh || exit 1; \
+	  bash .gpu/run.sh; \
+	else \
+	  echo "gpu-check: no CUDA device on this machine: the GPU run (.gpu/run.sh) needs one and is skipped;"; \
+	  echo "gpu-check: running the CPU-side checks (device choice, AOC probes vs the exact gradient)"; \
+	  $$PY -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_aoc_probes.py && \
+	  $$PY bench/aoc_agreement.py --seeds 3; \
+	fi
