@@ -75,6 +75,21 @@ TRL_GRPO_KEYS = ("num_generations", "max_completion_length", "temperature", "bet
                  "scale_rewards", "max_steps", "save_steps", "use_vllm")
 
 
+# Where one variant's run writes (rule grpo's outputs; the recipe names the same paths).
+GRPO_OUTPUTS = {"out": "results/models/grpo_{variant}", "dynamics": "results/grpo_{variant}/dynamics.jsonl",
+                "figure": "results/grpo_{variant}/dynamics.png",
+                # Not a rule output: Snakemake would delete it before a rerun, and resuming needs it.
+                "checkpoints": "results/grpo_{variant}/checkpoints"}
+
+
+def grpo_run_paths(variant: str, *, model: str, mcq: str, prompts: str, prm: str) -> dict:
+    """The paths of one variant's run: its inputs (the no_prm ablation neither waits for nor loads the
+    process reward model) and ``GRPO_OUTPUTS``."""
+    return {"model": str(model), "mcq": str(mcq), "prompts": str(prompts),
+            "prm": None if variant == "no_prm" else str(prm),
+            **{key: pattern.format(variant=variant) for key, pattern in GRPO_OUTPUTS.items()}}
+
+
 def grpo_recipe(settings: dict, paths: dict, world_size: int = 1) -> dict:
     """The recipe of one variant's ``settings`` (``variant_settings``): BalancedGRPOConfig's fields, TRL's
     ModelConfig (the starting model, LoRA) and the run's ``paths`` (GRPOScriptArguments: mcq, prompts, prm,

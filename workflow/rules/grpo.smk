@@ -3,9 +3,11 @@
 
 from balancedbio.variants import (
     ABLATION_VARIANTS,
+    GRPO_OUTPUTS,
     GROUP_SIZES,
     VARIANT_PATTERN,
     grpo_recipe,
+    grpo_run_paths,
     variant_settings,
 )
 from balancedbio.heldout import heldout_settings
@@ -15,26 +17,8 @@ wildcard_constraints:
     variant=VARIANT_PATTERN,
 
 
-# Where a variant's run writes; the recipe names the same paths.
-GRPO_MODEL = "results/models/grpo_{variant}"
+# Where a variant's run writes (balancedbio.variants.GRPO_OUTPUTS; the recipe names the same paths).
 GRPO_RESULTS = "results/grpo_{variant}"
-
-
-def grpo_paths(variant):
-    """The paths of one variant's run, as its recipe names them (rule grpo's inputs and outputs)."""
-    results = GRPO_RESULTS.format(variant=variant)
-    return {
-        "model": str(rules.sft.output.model),
-        "mcq": str(rules.decontaminate.output.mcq_train),
-        "prompts": str(rules.decontaminate.output.prompts),
-        # The no_prm ablation neither waits for nor loads the process reward model.
-        "prm": None if variant == "no_prm" else str(rules.train_prm.output.model),
-        "out": GRPO_MODEL.format(variant=variant),
-        "dynamics": f"{results}/dynamics.jsonl",
-        "figure": f"{results}/dynamics.png",
-        # Not an output: Snakemake would delete it before a rerun, and resuming needs it.
-        "checkpoints": f"{results}/checkpoints",
-    }
 
 
 # The variant's settings of this config as a recipe, a record of what the grpo rule trains with.
@@ -49,7 +33,13 @@ rule grpo_recipe:
     params:
         recipe=lambda wc: grpo_recipe(
             variant_settings(config, wc.variant),
-            grpo_paths(wc.variant),
+            grpo_run_paths(
+                wc.variant,
+                model=rules.sft.output.model,
+                mcq=rules.decontaminate.output.mcq_train,
+                prompts=rules.decontaminate.output.prompts,
+                prm=rules.train_prm.output.model,
+            ),
             world_size=int(rule_resources("grpo").get("gpu", 0)),
         ),
     script:
@@ -93,10 +83,10 @@ rule grpo:
         # beside its dynamics (balancedbio.grpo.curves.curve_set_path).
         curves=f"{GRPO_RESULTS}/heldout_curve_set.json",
     output:
-        model=directory(GRPO_MODEL),
-        dynamics=f"{GRPO_RESULTS}/dynamics.jsonl",
+        model=directory(GRPO_OUTPUTS["out"]),
+        dynamics=GRPO_OUTPUTS["dynamics"],
         figure=report(
-            f"{GRPO_RESULTS}/dynamics.png",
+            GRPO_OUTPUTS["figure"],
             caption="../report/grpo.rst",
             category="GRPO",
             subcategory="{variant}",
