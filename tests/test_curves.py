@@ -124,3 +124,29 @@ def test_the_smoke_runs_curve_set_is_disjoint_from_its_grpo_training_prompts(smo
     assert not trained & {i["prompt"] for i in items}
     train_ids = {f"kg:{r['id']}" for r in read_jsonl(train_mcq)}
     assert not train_ids & {i["id"] for i in items if i["component"] == "accuracy"}
+
+
+def test_report_draws_each_variants_curve_from_the_sft_start_with_wilson_intervals(tmp_path):
+    from balancedbio.report.curves import CURVES_FIGURE, curve_points, make_curve_figures
+    from balancedbio.report.load import RunData
+    from balancedbio.report.stats import wilson_interval
+
+    def row(step, accuracy=None):
+        extra = {} if accuracy is None else {
+            "heldout_accuracy": accuracy, "heldout_accuracy_n": 40.0, "heldout_instruction": 0.5,
+            "heldout_instruction_n": 30.0, "heldout_instruction_low": 0.4, "heldout_instruction_high": 0.6}
+        return {"step": step, "loss": 0.0, **extra}
+
+    dynamics = {"full": [row(1), row(2, 0.25), row(3), row(4, 0.5)], "no_aoc": [row(2, 0.2), row(4, 0.3)],
+                "static_weights": [row(1), row(2)]}  # no curves logged: not drawn
+    points = curve_points(dynamics["full"], "accuracy")
+    assert [p["step"] for p in points] == [2, 4]
+    assert [points[1]["low"], points[1]["high"]] == wilson_interval(0.5, 40)
+    assert curve_points(dynamics["full"], "instruction")[0]["low"] == 0.4
+    sft = {"summary": {"status": "ok", "components": {"accuracy": {"mean": 0.1, "n": 40},
+                                                      "instruction": {"mean": 0.45, "n": 30, "ci_low": 0.3,
+                                                                      "ci_high": 0.6}}}, "items": {}}
+    captions = make_curve_figures(RunData({}, {"sft": sft}, dynamics), tmp_path)
+    assert list(captions) == [CURVES_FIGURE] and "n = 30, 40" in captions[CURVES_FIGURE]
+    assert (tmp_path / f"{CURVES_FIGURE}.png").stat().st_size > 10_000
+    assert make_curve_figures(RunData({}, {}, {"full": [row(1)]}), tmp_path / "none") == {}
