@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Iterable
 
+from balancedbio.report.curves import make_curve_figures
 from balancedbio.report.figures import make_figures
 from balancedbio.report.findings import conclusions, steering_findings, verdict
 from balancedbio.report.load import (COMPARED_CAPABILITIES, GENERAL_METRIC, IF_BENCHMARKS, TIDY_COLUMNS, RunData,
@@ -115,6 +116,7 @@ def build_report(*, out_dir: str, evaluations: Iterable[str], eval_items: Iterab
             frame.to_csv(handle, index=False)
     tau = ((config or {}).get("aoc") or {}).get("tau")
     figures = make_figures(data, comparisons, fig_dir, tau=tau)
+    figures.update(make_curve_figures(data, fig_dir))  # held-out learning curves, when logged
     findings = conclusions(comparisons, aoc) + steering_findings(steering, bounds)
 
     accuracy = {c.key: c.accuracy for c in COMPARED_CAPABILITIES}
