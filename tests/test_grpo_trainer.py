@@ -419,6 +419,7 @@ def test_signals_survive_trl_averaging_and_come_back_under_their_old_names():
     averaged = {key: (sum(v for v in values if not math.isnan(v)) / n if (n := sum(not math.isnan(v) for v in values))
                       else None) for key, values in metrics.items()}
     assert averaged["aoc/s_cos"] == -0.25 and averaged["success/batch_reasoning"] is None
+    assert metrics["aoc/s_cos"] == [-0.25]  # an undefined S_cos is left out, not handed to the trackers
     row, = dynamics_rows([{"loss": 0.5, "step": 2, "epoch": 1.0, **averaged, **text}], ["reasoning"])
     assert row == {"step": 2, "epoch": 1.0, "loss": 0.5, "s_cos": -0.25, "aoc_fired": True, "l_orth": None,
                    "batch_success_reasoning": None, "aoc_note": "single capability", "constant_groups_sampled": 2,

@@ -53,6 +53,19 @@ def test_grpo_full_logs_every_field_and_pid_weights_follow_the_success_rates(smo
                          .read_text())
     assert summary["global_step"] == 2 and summary["settings"]["aoc"]["mode"] == "penalty"
     assert (smoke_workdir / "results" / "grpo_full" / "dynamics.png").stat().st_size > 1000
+    # The GRPO job's TensorBoard events (logging.report_to in the smoke config) hold the method's signals.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((smoke_workdir / "results" / "grpo_full" / "tensorboard").iterdir())))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for name in NAMES:
+        assert {f"train/weights/{name}", f"train/success/{name}", f"train/success/batch_{name}"} <= tags, tags
+        assert [e.value for e in events.Scalars(f"train/weights/{name}")] == \
+            pytest.approx([row[f"weight_{name}"] for row in rows])
+    # S_cos is a scalar on every step it is defined (the smoke's G=2 often leaves one capability without signal).
+    assert len(events.Scalars("train/aoc/s_cos") if "train/aoc/s_cos" in tags else []) == \
+        sum(row["s_cos"] is not None for row in rows)
     # The recipe the rule wrote and ran: the variant's settings, a record beside its results.
     recipe = yaml.safe_load((smoke_workdir / "results" / "grpo_full" / "recipe.yaml").read_text())
     assert recipe["variant"] == "full" and recipe["aoc_mode"] == "penalty"

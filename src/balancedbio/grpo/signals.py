@@ -12,8 +12,10 @@ The trainer and its mixins write one step's signals into ``trainer._step_record`
 - ``sampling/constant_groups_sampled``, ``sampling/groups_resampled``, ``sampling/constant_groups_kept``.
 
 TRL's ``log`` averages each list over the logging window and skips NaN, giving None when no step of
-the window has a value; an undefined signal (S_cos of a step with one capability) is therefore
-appended as NaN, so it never pulls a defined value of the window towards anything. From there the
+the window has a value; an undefined signal (a batch success rate with no applicable row) is therefore
+appended as NaN, so it never pulls a defined value of the window towards anything. S_cos, L_orth and
+``aoc_fired``, undefined on many steps (one capability, zero advantages), are left out instead: no
+tracker is handed a None (TensorBoard warns on each), and every dynamics row has them anyway. From there the
 values reach every ``report_to`` tracker and ``state.log_history``, which checkpoints carry, so a
 resumed run's history is right without any file of its own. ``dynamics_rows`` turns the history
 back into the rows ``dynamics.jsonl`` has always had (the report reads those names).
@@ -77,8 +79,11 @@ def flush_signals(record: dict[str, Any], metrics: dict[str, list], text: dict[s
                 metrics[f"aoc/projection_weight_{capability}"].append(float(coefficient))
         elif isinstance(value, str):
             text[metric_key(name)] = value
+        elif value is None or (isinstance(value, float) and math.isnan(value)):
+            if name not in ALWAYS_IN_A_ROW:
+                metrics[metric_key(name)].append(math.nan)
         else:
-            metrics[metric_key(name)].append(math.nan if value is None else float(value))
+            metrics[metric_key(name)].append(float(value))
 
 
 def dynamics_rows(log_history: Iterable[dict], reward_names: Iterable[str]) -> list[dict]:
