@@ -193,7 +193,10 @@ class OrthogonalityMixin:
         params = [p for p in module.parameters() if p.requires_grad]
         window = getattr(self, "_aoc_window", None) or AOCWindow(self.current_gradient_accumulation_steps)
         self._aoc_window = window
-        with _fp32_forward(self, module):
+        # penalty: fp32 passes, the probes difference them; monitor/project on CUDA: the training's own
+        # precision (bf16 autocast moved S_cos by <= 3e-4, a forward difference to cosine 0.52: bench/README.md).
+        precise = self.aoc["mode"] == "penalty" or params[0].device.type != "cuda"
+        with _fp32_forward(self, module) if precise else contextlib.nullcontext():
             grads_r, grads_i, capability_loss = self.capability_gradients(module, inputs, params, differentiable,
                                                                            quiet=distributed)
         # A capability whose groups all had zero reward variance has all-zero advantages: its policy

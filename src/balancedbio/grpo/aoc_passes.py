@@ -78,19 +78,20 @@ def full_precision(params) -> bool:
 
 
 class _fp32_forward:
-    """Forward passes in the weights' own precision: autocast off, also inside the wrappers.
+    """Forward passes in the weights' own precision: autocast and TF32 off, also inside the wrappers.
 
     With ``bf16`` and fp32 master weights, accelerate wraps the model's forward in a bf16
-    autocast and TRL's log-prob helper opens ``accelerator.autocast()``; AOC's gradients and
-    finite-difference probes need fp32 (a forward difference of bf16 gradients is noise), so
-    both are switched off for the block.
+    autocast and TRL's log-prob helper opens ``accelerator.autocast()``; the penalty's gradients
+    and finite-difference probes need fp32 (under bf16 autocast the probe's cosine with the exact
+    gradient fell to 0.52-0.83: bench/README.md, "AOC probes"), so both are switched off for the
+    block, and so is TF32 (a 10-bit mantissa in CUDA matmuls; not measured, so not trusted).
     """
 
     def __init__(self, trainer, model):
         self.trainer, self.model = trainer, model
 
     def __enter__(self):
-        self.wrapped_forward, self.autocast = None, None
+        self.wrapped_forward, self.autocast, self.tf32 = None, None, None
         if not full_precision(self.model.parameters()):
             return self  # bf16 weights (a DeepSpeed bf16 engine) need autocast: their own precision it is
         if "_original_forward" in self.model.__dict__:  # accelerate's autocast wrapper
@@ -100,11 +101,14 @@ class _fp32_forward:
         device = next(self.model.parameters()).device.type
         self.autocast = torch.autocast(device_type=device, enabled=False)
         self.autocast.__enter__()
+        self.tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         return self
 
     def __exit__(self, *exc):
         if self.autocast is None:
             return False
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.tf32
         self.autocast.__exit__(*exc)
         self.trainer.accelerator.__dict__.pop("autocast", None)
         if self.wrapped_forward is not None:
