@@ -32,6 +32,12 @@ def rule_resources(rule_name):
     return merged
 
 
+def verbatim(value):
+    """A params value Snakemake passes as it is: it formats a params string's braces as
+    wildcards (a chat template's '{{ eos_token }}' stops the DAG), but not a function's result."""
+    return lambda wildcards: value
+
+
 def code_digest(*relative_paths):
     """Digest of package source files: a rule whose logic changed reruns (Snakemake's own code
     trigger only sees the thin script, not the package it calls)."""

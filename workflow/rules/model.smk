@@ -15,11 +15,12 @@ rule prepare_model:
     resources:
         **rule_resources("prepare_model"),
     params:
-        source=config["model"]["source"],
-        revision=config["model"]["revision"],
+        # Config text as it is: a Jinja template's '{{ eos_token }}' is no wildcard.
+        source=verbatim(config["model"]["source"]),
+        revision=verbatim(config["model"]["revision"]),
         dtype=config["model"]["dtype"],
         trust_remote_code=config["model"]["trust_remote_code"],
-        chat_template=config["model"]["chat_template"],
+        chat_template=verbatim(config["model"]["chat_template"]),
         code=code_digest("models.py", "io.py"),
     script:
         "../scripts/prepare_model.py"
