@@ -13,7 +13,7 @@ PYTEST_ARGS    ?=
 
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install browser slurm run test test-fast dryrun lint lock clean
+.PHONY: install browser slurm run evidence test test-fast dryrun lint lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ install: $(VENV)/.installed
 
 run: install
 	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG) $(SNAKEMAKE_ARGS)
+
+# The evidence run (issue 23, config/evidence.yaml): full, static_weights, no_aoc and gdpo from one SFT
+# model for the same steps, learning curves on a fixed held-out set, the paired held-out comparisons.
+evidence: install
+	$(BIN)/snakemake --cores 2 --configfile config/evidence.yaml $(SNAKEMAKE_ARGS)
 
 # Debian's chromium for the report's headless-browser test (skipped, with a message, without it).
 browser:
