@@ -178,7 +178,7 @@ class OrthogonalityMixin:
     def orthogonality_step(self, model, inputs: dict) -> torch.Tensor:
         """Forward/backward of one micro-batch with AOC; leaves the gradients in ``p.grad``.
 
-        Every micro-batch adds its g_R + g_I to ``p.grad``: single process, the fp32 capability
+        Every micro-batch adds its g_R + g_I to ``p.grad``: single process, the capability
         gradients themselves; data parallel (DDP, DeepSpeed), one ``accelerator.backward`` of
         TRL's loss through the wrapper (its hooks reduce the gradients). At the accumulation
         window's last micro-batch (``accelerator.sync_gradients``) the window's g_R and g_I
@@ -202,8 +202,8 @@ class OrthogonalityMixin:
         # A capability whose groups all had zero reward variance has all-zero advantages: its policy
         # gradient is zero up to the KL term's rounding, so the cosine means nothing there.
         advantages, is_medical = inputs["advantages"], inputs["is_medical"]
-        signal = torch.tensor([float(bool(advantages[rows].ne(0).any())) for rows in (is_medical, ~is_medical)],
-                              device=params[0].device)
+        nonzero = advantages.ne(0).reshape(len(is_medical), -1).any(dim=1)  # no host sync
+        signal = torch.stack([(nonzero & rows).any() for rows in (is_medical, ~is_medical)]).float().to(params[0].device)
         window.add(grads_r, grads_i, self._capability_parts, signal, capability_loss)
         if not distributed:
             add_to_grad(params, add_gradients(grads_r, grads_i))
