@@ -182,5 +182,49 @@ def test_two_accumulation_steps_give_the_one_step_update(runs, processes, mode):
         _assert_same_update(result, reference)
 
 
+def test_aoc_decides_once_per_optimizer_step_in_the_real_training_loop(tmp_path):
+    """HF's own loop with GA = 2 (it sets sync_gradients on the window's last micro-batch): one
+    S_cos and one penalty per optimizer step, not one per micro-batch."""
+    import torch
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import GRPOConfig
+
+    from balancedbio.grpo import BalancedGRPOTrainer
+    from balancedbio.weights import StaticWeights
+    from test_distributed import VOCAB, ScriptedReward, _tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, eos_token_id=2, bos_token_id=None)
+    dataset = Dataset.from_list([{"prompt": f"w{i} w{i + 1}", "capability": "medical" if i % 2 else "instruction",
+                                  "answer": None} for i in range(3, 20)])
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                      num_generations=2, beta=0.0, max_completion_length=4, report_to=[], use_cpu=True, bf16=False,
+                      max_steps=2, logging_steps=1, save_strategy="no")
+    rewards = [ScriptedReward("accuracy", "medical", set()), ScriptedReward("instruction", "instruction", set())]
+    trainer = BalancedGRPOTrainer(model=LlamaForCausalLM(config), reward_funcs=rewards, args=args,
+                                  train_dataset=dataset, processing_class=_tokenizer(),
+                                  weight_controller=StaticWeights(["accuracy", "instruction"], [1.0, 1.0]),
+                                  aoc_config={"mode": "penalty", "tau": 0.0})
+    decisions, micro_batches = [], []
+    correction, step = trainer._aoc_correction, trainer.orthogonality_step
+
+    def count_decisions(*args, **kwargs):
+        decisions.append(trainer.state.global_step)
+        return correction(*args, **kwargs)
+
+    def count_micro_batches(*args, **kwargs):
+        micro_batches.append(trainer.state.global_step)
+        return step(*args, **kwargs)
+
+    trainer._aoc_correction, trainer.orthogonality_step = count_decisions, count_micro_batches
+    trainer.train()
+    assert micro_batches == [0, 0, 1, 1] and decisions == [0, 1]
+    fired = [row for row in trainer.state.log_history if "aoc/fired" in row]
+    assert len(fired) == 2 and all(row["aoc/fired"] == 1 for row in fired)
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     worker(sys.argv[2])
