@@ -57,7 +57,7 @@ test: install browser slurm
 
 # The fast loop while editing: no `slow` test, and none of the unmarked end-to-end ones (real
 # trainers in subprocesses: the two-process AOC runs, the SIGKILL/resume run). CI runs `make test`.
-FAST_DESELECT := --deselect tests/test_distributed.py \
+FAST_DESELECT := --deselect tests/test_distributed.py --deselect tests/test_distributed_project.py \
 	--deselect tests/test_faults.py::test_stale_checkpoint_is_not_resumed_and_a_second_trainer_is_refused
 
 test-fast: install
