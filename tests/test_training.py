@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -22,6 +23,7 @@ DYNAMICS_FIELDS = {"step", "loss", "reward", "kl", "clip_fraction", "completion_
                    "success_accuracy", "success_reasoning", "success_instruction",
                    "weight_accuracy", "weight_reasoning", "weight_instruction"}
 NAMES = ["accuracy", "reasoning", "instruction"]
+TEST_CONFIG_PATH = Path(__file__).resolve().parents[1] / ".test" / "config" / "config.yaml"
 
 
 def _dynamics(path):
@@ -133,3 +135,44 @@ def test_smoke_run_evaluates_each_model_on_each_benchmark(smoke_workdir):
     assert kg["status"] == "ok" and kg["n"] == 6
     skipped = json.loads((smoke_workdir / "results" / "eval" / "skipped.json").read_text())
     assert isinstance(skipped, list)
+
+
+def test_a_resumed_run_keeps_the_dynamics_of_the_steps_before_its_checkpoint(tmp_path, caplog):
+    """dynamics.jsonl comes from the trainer's log history, which checkpoints carry: a run that dies after
+    checkpoint-1 and is started again writes steps 1 and 2, step 1 as the first attempt logged it."""
+    from fault_sft_job import build_inputs
+    from transformers import TrainerCallback
+
+    from balancedbio.config import load_config
+    from balancedbio.grpo import run_grpo
+
+    class DieAtStep2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt("killed after checkpoint-1")
+
+    build_inputs(tmp_path)
+    mcq, prompts = tmp_path / "mcq.jsonl", tmp_path / "prompts.jsonl"
+    mcq.write_text(json.dumps({"id": "m1", "question": "w1 w2", "options": {"A": "w3", "B": "w4"},
+                               "answer": "A"}) + "\n")
+    prompts.write_text(json.dumps({"key": 1, "prompt": "w5 w6", "instruction_id_list": ["punctuation:no_comma"],
+                                   "kwargs": [{}]}) + "\n")
+    settings = variant_settings(load_config(TEST_CONFIG_PATH), "no_prm")
+    settings["grpo"].update(max_steps=2, save_steps=1, max_completion_length=4, rollout_weights="policy")
+    settings["aoc"]["mode"] = "monitor"
+    paths = dict(model_dir=str(tmp_path / "model"), mcq_path=str(mcq), prompts_path=str(prompts), prm_dir=None,
+                 out_dir=str(tmp_path / "out"), dynamics_path=str(tmp_path / "dynamics.jsonl"),
+                 checkpoint_dir=str(tmp_path / "checkpoints"), settings=settings)
+    with pytest.raises(KeyboardInterrupt):
+        run_grpo(**paths, callbacks=[DieAtStep2()])
+    saved = json.loads((tmp_path / "checkpoints" / "checkpoint-1" / "trainer_state.json").read_text())
+    first_attempt = [entry for entry in saved["log_history"] if "loss" in entry]
+    assert not (tmp_path / "dynamics.jsonl").exists()
+    with caplog.at_level("INFO"):
+        summary = run_grpo(**paths)
+    assert summary["resumed_from"] == str(tmp_path / "checkpoints" / "checkpoint-1")
+    rows = _dynamics(tmp_path / "dynamics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2]
+    assert rows[0]["weight_accuracy"] == first_attempt[0]["weights/accuracy"]
+    assert rows[0]["loss"] == first_attempt[0]["loss"] and rows[0]["s_cos"] == first_attempt[0].get("aoc/s_cos")
+    assert rows[1]["success_instruction"] is not None and rows[1]["aoc_fired"] is False
