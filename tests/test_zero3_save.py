@@ -52,12 +52,22 @@ def test_zero3_save_writes_the_gathered_state_dict_from_the_main_process_only(tm
         accelerator = _Accelerator(main, gathered)
         trainer = SimpleNamespace(accelerator=accelerator, model=model, model_wrapped=model)
         out = tmp_path / f"out_main_{main}"
-        save_merged(trainer, tokenizer, str(out), {"extra.json": {"a": 1}})
+        save_merged(trainer, tokenizer, str(out), {"extra.json": {"a": 1}}, every_rank=True)
         assert accelerator.calls == 1  # the other ranks gather too (HF's save_model does the same)
         assert out.exists() == main
     saved = load_file(str(tmp_path / "out_main_True" / "model.safetensors"))
     key = "model.layers.0.mlp.up_proj.weight"
     assert torch.equal(saved[key], gathered[key]) and float(saved[key].abs().sum()) > 0
+
+
+def test_zero3_save_from_the_main_process_alone_is_refused_not_a_hang(tmp_path):
+    from balancedbio.models import save_merged
+
+    model, tokenizer = _tiny(tmp_path)
+    trainer = SimpleNamespace(accelerator=_Accelerator(True, {}), model=model, model_wrapped=model)
+    with pytest.raises(RuntimeError, match="every_rank=True"):
+        save_merged(trainer, tokenizer, str(tmp_path / "out"))
+    assert trainer.accelerator.calls == 0 and not (tmp_path / "out").exists()
 
 
 def test_plain_save_writes_the_module_weights(tmp_path):

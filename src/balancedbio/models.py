@@ -361,13 +361,16 @@ def zero3_enabled(accelerator) -> bool:
     return getattr(plugin, "zero_stage", 0) == 3
 
 
-def save_merged(trainer, tokenizer, out_dir: str, extra_files: dict[str, Any] | None = None) -> None:
+def save_merged(trainer, tokenizer, out_dir: str, extra_files: dict[str, Any] | None = None, *,
+                every_rank: bool = False) -> None:
     """Merge LoRA (if any) into the weights and write a plain safetensors folder atomically.
 
-    Call it on every process: under DeepSpeed ZeRO-3 each rank holds a shard of the weights, so
-    the full state dict is gathered from all ranks first (a collective, as HF's ``save_model``
-    does: ``accelerator.get_state_dict``; with LoRA the parameters are gathered, merged and read
-    on the main process). Only the main process writes.
+    Under DeepSpeed ZeRO-3 each rank holds a shard of the weights, so the full state dict is
+    gathered from all ranks first (a collective, as HF's ``save_model`` does:
+    ``accelerator.get_state_dict``; with LoRA the parameters are gathered, merged and read on the
+    main process): every process must call it, saying so with ``every_rank=True``. Called on the
+    main process alone it refuses under ZeRO-3 (the gather would wait forever; without it the
+    main process would write its partitioned placeholders). Only the main process writes.
     """
     import contextlib
 
@@ -376,6 +379,9 @@ def save_merged(trainer, tokenizer, out_dir: str, extra_files: dict[str, Any] | 
     state_dict, lora = None, hasattr(model, "merge_and_unload")
     gather = contextlib.nullcontext()
     if zero3_enabled(accelerator):
+        if not every_rank:
+            raise RuntimeError("save_merged under DeepSpeed ZeRO-3 gathers the weights from every rank: call it on "
+                               "every process with every_rank=True (it writes on the main process only)")
         if lora:
             import deepspeed
 
