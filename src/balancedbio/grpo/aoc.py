@@ -191,7 +191,7 @@ class OrthogonalityMixin:
         differentiable = self.aoc["mode"] == "penalty" and self.aoc["penalty_gradient"] == "exact"
         module = self.accelerator.unwrap_model(model) if distributed else model
         params = [p for p in module.parameters() if p.requires_grad]
-        window = getattr(self, "_aoc_window", None) or AOCWindow(self.current_gradient_accumulation_steps)
+        window = getattr(self, "_aoc_window", None) or AOCWindow()
         self._aoc_window = window
         # penalty: fp32 passes, the probes difference them; monitor/project on CUDA: the training's own
         # precision (bf16 autocast moved S_cos by <= 3e-4, a forward difference to cosine 0.52: bench/README.md).

@@ -143,7 +143,6 @@ class AOCWindow:
     GA = k applies the GA = 1 update of the same rows instead of one penalty per micro-batch.
     """
 
-    size: int
     grads: list = field(default_factory=lambda: [None, None])  # g_R, g_I: per-parameter lists
     parts: list = field(default_factory=lambda: [[], []])  # (rows, scale, rng) chunks per capability
     signal: torch.Tensor | None = None  # 1 where a capability has a non-zero advantage in the window
