@@ -1,7 +1,9 @@
 """A tiny SFT job for the kill tests in test_faults.py: run_sft on a 2-layer random Llama.
 
-usage: python fault_sft_job.py WORKDIR LEARNING_RATE SECONDS_PER_STEP
-Builds WORKDIR/model and WORKDIR/sft.jsonl on first use; checkpoints go to WORKDIR/checkpoints.
+usage: python fault_sft_job.py WORKDIR LEARNING_RATE SECONDS_PER_STEP [SAVE_STEPS [CHECKPOINT_DIR]]
+Builds WORKDIR/model and WORKDIR/sft.jsonl on first use; checkpoints go to WORKDIR/checkpoints
+(or CHECKPOINT_DIR), one every SAVE_STEPS steps (default 1). WORKDIR/progress holds the last
+finished step.
 """
 
 import json
@@ -43,15 +45,18 @@ def build_inputs(workdir: Path) -> None:
 class Slow(TrainerCallback):
     """Leaves the test time to kill the job between two checkpoints."""
 
-    def __init__(self, seconds: float):
-        self.seconds = seconds
+    def __init__(self, seconds: float, progress: Path):
+        self.seconds, self.progress = seconds, progress
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.progress.write_text(str(state.global_step))
         time.sleep(self.seconds)
 
 
 def main() -> None:
     workdir, learning_rate, seconds = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+    save_steps = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    checkpoint_dir = sys.argv[5] if len(sys.argv) > 5 else str(workdir / "checkpoints")
     setup_logging(workdir / "job.log")
     if not (workdir / "model").exists():
         build_inputs(workdir)
@@ -62,11 +67,11 @@ def main() -> None:
                              "gradient_checkpointing": False, "use_lora": False, "deepspeed_config": None},
                 "sft": {"max_examples": None, "batch_size": 2, "gradient_accumulation_steps": 1,
                         "learning_rate": learning_rate, "epochs": 10, "max_steps": 6, "logging_steps": 1,
-                        "save_steps": 1, "val_examples": 0, "mixed_precision": "fp32"},
+                        "save_steps": save_steps, "val_examples": 0, "mixed_precision": "fp32"},
                 "logging": {"report_to": []}}
     run_sft(model_dir=str(workdir / "model"), sft_path=str(workdir / "sft.jsonl"), out_dir=str(workdir / "out"),
             metrics_path=str(workdir / "metrics.json"), loss_plot=str(workdir / "loss.png"),
-            checkpoint_dir=str(workdir / "checkpoints"), settings=settings, callbacks=[Slow(seconds)])
+            checkpoint_dir=checkpoint_dir, settings=settings, callbacks=[Slow(seconds, workdir / "progress")])
 
 
 if __name__ == "__main__":

@@ -248,3 +248,167 @@ def test_grpo_does_not_resume_a_checkpoint_of_other_settings_and_names_them(tmp_
     assert "resuming no_prm" not in caplog.text
     assert summary["resumed_from"] is None and summary["global_step"] == 1
     assert [json.loads(line)["step"] for line in (tmp_path / "d.jsonl").read_text().splitlines()] == [1]
+
+
+# --- issue 24: NaN models, torn checkpoints, full disks, SIGTERM ------------------------------
+
+def _start_job(workdir: Path, learning_rate, seconds_per_step: float, save_steps: int = 1,
+               checkpoint_dir: Path | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    args = [sys.executable, str(JOB), str(workdir), str(learning_rate), str(seconds_per_step), str(save_steps)]
+    if checkpoint_dir is not None:
+        args.append(str(checkpoint_dir))
+    with open(workdir / "stderr.txt", "ab") as stderr:  # the traceback's last line is the error
+        return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+
+
+def _job_log(workdir: Path) -> str:
+    """The job's log file, then its stderr."""
+    return "".join(path.read_text(errors="replace") for path in (workdir / "job.log", workdir / "stderr.txt")
+                   if path.exists())
+
+
+def test_a_non_finite_run_stops_before_saving_and_names_the_step(tmp_path):
+    """lr=inf used to train to the end and save a model with 210 of 272 tensors NaN/Inf."""
+    job = _start_job(tmp_path, "inf", 0.0)
+    assert job.wait(timeout=300) != 0
+    log = _job_log(tmp_path)
+    assert "NonFiniteTraining: training stopped at step 1: the weight 'model." in log, log[-3000:]
+    assert "is NaN or infinite; nothing of this step was saved" in log
+    assert not (tmp_path / "out").exists() and not (tmp_path / "metrics.json").exists()
+    assert not list((tmp_path / "checkpoints").glob("checkpoint-*")), "no NaN checkpoint is written"
+
+
+def test_a_nan_loss_in_the_log_stops_the_run_naming_the_step():
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from balancedbio.checkpoints import CompletionMarker, NonFiniteTraining
+
+    state = TrainerState()
+    state.global_step = 7
+    args = TrainingArguments(output_dir="/nonexistent/checkpoints", report_to=[])
+    with pytest.raises(NonFiniteTraining, match=r"training stopped at step 7: the loss is nan"):
+        CompletionMarker().on_log(args, state, TrainerControl(), logs={"loss": float("nan")})
+    CompletionMarker().on_log(args, state, TrainerControl(), logs={"loss": 0.5, "grad_norm": 1.0})
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_resumes_there(tmp_path, signum):
+    """SLURM sends SIGTERM at the time limit (SIGUSR1 ahead of it with --signal); with save_steps
+    100 the run used to die at once and lose every step since the start."""
+    job = _start_job(tmp_path, 1e-3, 0.5, save_steps=100)
+    progress = tmp_path / "progress"
+    deadline = time.time() + 240
+    while not (progress.exists() and progress.read_text().strip() and int(progress.read_text()) >= 2):
+        assert job.poll() is None and time.time() < deadline, _job_log(tmp_path)[-3000:]
+        time.sleep(0.05)
+    job.send_signal(signum)
+    assert job.wait(timeout=120) == 128 + signum
+    log = _job_log(tmp_path)
+    saved = sorted((tmp_path / "checkpoints").glob("checkpoint-*"))
+    assert len(saved) == 1 and (saved[0] / ".complete").exists(), log[-3000:]
+    step = int(saved[0].name.split("-")[1])
+    assert step >= 2
+    assert f"{signal.Signals(signum).name} received: saved {saved[0]} at step {step} and stopped" in log
+    assert not (tmp_path / "out").exists()
+
+    rerun = _start_job(tmp_path, 1e-3, 0.0, save_steps=100)
+    assert rerun.wait(timeout=300) == 0, _job_log(tmp_path)[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["resumed_from"] == str(saved[0]) and metrics["global_step"] == 6
+
+
+def test_a_torn_file_in_the_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    """optimizer.pt truncated inside a complete checkpoint used to fail every rerun with
+    'PytorchStreamReader failed reading zip archive'."""
+    job = _start_job(tmp_path, 1e-3, 0.3)
+    _kill_after_checkpoint(job, tmp_path, 3, 1e-3)
+    newest = tmp_path / "checkpoints" / "checkpoint-3"
+    sizes = json.loads((newest / ".complete").read_text())["files"]
+    assert sizes["optimizer.pt"] == (newest / "optimizer.pt").stat().st_size > 0
+    torn = (newest / "optimizer.pt").read_bytes()
+    (newest / "optimizer.pt").write_bytes(torn[: len(torn) // 2])
+
+    rerun = _start_job(tmp_path, 1e-3, 0.0)
+    assert rerun.wait(timeout=300) == 0, _job_log(tmp_path)[-3000:]
+    log = (tmp_path / "job.log").read_text()
+    skipped = [line for line in log.splitlines() if "skipping" in line and "checkpoint-3" in line]
+    assert len(skipped) == 1 and f"optimizer.pt has {len(torn) // 2} bytes, {len(torn)} when it was saved" in skipped[0]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["resumed_from"] == str(tmp_path / "checkpoints" / "checkpoint-2")
+    assert metrics["global_step"] == 6
+
+
+def test_a_checkpoint_whose_marker_lists_no_sizes_is_still_checked_for_torn_archives(tmp_path, caplog):
+    import torch
+
+    from balancedbio.checkpoints import MARKER, last_complete_checkpoint
+
+    for step in (1, 2):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        torch.save({"state": torch.zeros(1000)}, folder / "optimizer.pt")
+        (folder / MARKER).write_text(json.dumps({"step": step, "fingerprint": None}))  # an older marker
+    data = (tmp_path / "checkpoint-2" / "optimizer.pt").read_bytes()
+    (tmp_path / "checkpoint-2" / "optimizer.pt").write_bytes(data[:-200])
+    with caplog.at_level("WARNING"):
+        assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-1")
+    assert "checkpoint-2: optimizer.pt does not open" in caplog.text
+    assert not (tmp_path / "checkpoint-2").exists(), "the broken checkpoint is deleted"
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs (a real full disk); skipped where mounting is not allowed."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a 1 MiB tmpfs here (needs root): {done.stderr.strip()[:200]}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_checkpoint_that_cannot_fit_stops_the_run_with_one_line(tmp_path, small_tmpfs):
+    """Checkpoints on a full disk used to fail with 'RuntimeError: [enforce fail at
+    inline_container.cc:672]' and leave half a checkpoint; now nothing is written."""
+    (small_tmpfs / "filler").write_bytes(b"\0" * (1000 * 1024))  # ~24 kB left; a checkpoint needs more
+    job = _start_job(tmp_path, 1e-3, 0.0, checkpoint_dir=small_tmpfs / "checkpoints")
+    assert job.wait(timeout=300) != 0
+    lines = [line for line in _job_log(tmp_path).splitlines() if line.startswith("balancedbio.io.DiskFullError:")]
+    assert lines, _job_log(tmp_path)[-3000:]
+    assert f"No space left in {small_tmpfs / 'checkpoints'}: checkpoint-1 needs about" in lines[0]
+    assert "bytes" in lines[0] and "are free" in lines[0]
+    assert not list((small_tmpfs / "checkpoints").glob("checkpoint-*"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_save_that_fills_the_disk_midway_is_named_and_removed(small_tmpfs):
+    """When the disk fills during a checkpoint save (the check before it did not foresee it): one
+    error naming the folder and the bytes, and no half-written checkpoint left behind."""
+    from balancedbio.checkpoints import disk_full_named
+    from balancedbio.io import DiskFullError
+
+    root = small_tmpfs / "checkpoints"
+    (root / "checkpoint-5").mkdir(parents=True)
+    with pytest.raises(DiskFullError, match=rf"No space left in {root}: the write needs more than [\d,]+ bytes"):
+        with disk_full_named(root):
+            with open(root / "checkpoint-5" / "optimizer.pt", "wb") as handle:
+                for _ in range(4096):
+                    handle.write(b"\0" * 1024)  # 4 MiB into 1 MiB: a real ENOSPC
+                    handle.flush()
+    assert not (root / "checkpoint-5").exists()
+
+
+def test_atomic_writes_on_a_full_disk_name_the_folder_and_keep_nothing(small_tmpfs):
+    from balancedbio.io import DiskFullError, atomic_dir, write_json
+
+    with pytest.raises(DiskFullError, match=rf"No space left in {small_tmpfs}: the write needs more than"):
+        write_json(small_tmpfs / "big.json", {"text": "x" * (3 * 2**20)})
+    with pytest.raises(DiskFullError, match=rf"No space left in {small_tmpfs}"):
+        with atomic_dir(small_tmpfs / "model") as folder:
+            (folder / "weights.bin").write_bytes(b"\0" * (3 * 2**20))
+    assert list(small_tmpfs.iterdir()) == [], "nothing half-written is kept"

@@ -1,8 +1,10 @@
-"""Atomic file and folder writes: an interrupted rule never leaves a half-written output."""
+"""Atomic file and folder writes: an interrupted rule never leaves a half-written output, and
+a full disk is said in one line naming the folder and the bytes it needed."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -22,6 +24,55 @@ def _chmod_as_created(path: str | os.PathLike, is_dir: bool) -> None:
     os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
 
 
+class DiskFullError(OSError):
+    """No space left where an output is written; the message names the folder and the bytes."""
+
+
+# What torch and its C++ streams say when a write fails for want of space (no errno reaches Python).
+_WRITE_FAILED = ("file write failed", "failed writing file", "iostream error", "no space left")
+
+
+def _bytes(n: int) -> str:
+    return f"{n:,} bytes ({n / 2**20:,.1f} MiB)"
+
+
+def require_free_space(folder: str | os.PathLike, needed: int, what: str) -> None:
+    """Raise DiskFullError before writing ``what`` (about ``needed`` bytes) into ``folder``
+    when its file system has less free."""
+    folder = Path(folder)
+    probe = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise DiskFullError(errno.ENOSPC, f"No space left in {folder}: {what} needs about {_bytes(needed)}, "
+                                          f"{_bytes(free)} are free; free some space and rerun")
+
+
+def disk_full(err: BaseException, folder: str | os.PathLike, written: int) -> DiskFullError | None:
+    """A DiskFullError naming ``folder`` when ``err`` is a write that failed for want of space
+    (``written`` bytes were written before it), else None."""
+    if isinstance(err, DiskFullError):
+        return None
+    out_of_space = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not out_of_space and isinstance(err, Exception):  # torch and safetensors raise their own types
+        message = str(err).lower()
+        with contextlib.suppress(OSError):
+            out_of_space = (any(s in message for s in _WRITE_FAILED)
+                            and shutil.disk_usage(folder).free < max(written, 1 << 20))
+    if not out_of_space:
+        return None
+    free = shutil.disk_usage(folder).free if Path(folder).exists() else 0
+    return DiskFullError(errno.ENOSPC, f"No space left in {folder}: the write needs more than {_bytes(written)} "
+                                       f"(written when the disk filled, now removed), {_bytes(free)} are free; "
+                                       "free some space and rerun")
+
+
+def _size_of(path: str | os.PathLike) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``target`` in one rename."""
@@ -34,8 +85,12 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
+        written = _size_of(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full(err, target.parent, written)
+        if full is not None:
+            raise full from err
         raise
 
 
@@ -54,9 +109,13 @@ def atomic_file(target: str | os.PathLike, mode: str = "w", encoding: str | None
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, target)
-    except BaseException:
+    except BaseException as err:
+        written = _size_of(tmp_name)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        full = disk_full(err, target.parent, written)
+        if full is not None:
+            raise full from err
         raise
 
 

@@ -87,7 +87,8 @@ def run_sft(*, model_dir: str, sft_path: str, out_dir: str, metrics_path: str, l
 
     from balancedbio.models import lora_config, save_merged
     from balancedbio.io import write_json
-    from balancedbio.checkpoints import CompletionMarker, last_complete_checkpoint, training_fingerprint
+    from balancedbio.checkpoints import (CompletionMarker, disk_full_named, last_complete_checkpoint,
+                                         training_fingerprint)
     from balancedbio.models import bf16_autocast, load_causal_lm, load_tokenizer, training_dtype
     from balancedbio.tracking import keep_tensorboard_events
 
@@ -144,7 +145,8 @@ def run_sft(*, model_dir: str, sft_path: str, out_dir: str, metrics_path: str, l
              else "bf16" if training["bf16"] else "fp32")
     # Before = the starting model (LoRA adapters are zero at init), also when resuming.
     val_before = trainer.evaluate()["eval_loss"] if validation else None
-    result = trainer.train(resume_from_checkpoint=last)
+    with disk_full_named(checkpoint_dir):
+        result = trainer.train(resume_from_checkpoint=last)
     val_after = trainer.evaluate()["eval_loss"] if validation else None
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     metrics = {"examples": len(pairs), "global_step": trainer.state.global_step,
