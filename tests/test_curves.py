@@ -23,7 +23,7 @@ def _tiny_run_inputs(tmp_path):
     return mcq, prompts
 
 
-def test_curve_callback_logs_heldout_rewards_at_every_kth_and_the_last_step(tmp_path):
+def test_curve_callback_logs_heldout_rewards_at_every_kth_step_before_the_last(tmp_path):
     from balancedbio.config import load_config
     from balancedbio.grpo import run_grpo
     from balancedbio.grpo.curves import curve_set_path
@@ -42,7 +42,7 @@ def test_curve_callback_logs_heldout_rewards_at_every_kth_and_the_last_step(tmp_
                                           "dtype": "float32", "instruction_mode": "strict", "items": items})
     config = load_config(Path(__file__).resolve().parents[1] / ".test" / "config" / "config.yaml")
     settings = variant_settings(config, "no_prm")
-    settings["grpo"].update(max_steps=3, save_steps=100, max_completion_length=4, rollout_weights="policy")
+    settings["grpo"].update(max_steps=5, save_steps=100, max_completion_length=4, rollout_weights="policy")
     settings["aoc"]["mode"] = "off"
     settings["report_to"] = []
     run_grpo(model_dir=str(tmp_path / "model"), mcq_path=str(mcq), prompts_path=str(prompts), prm_dir=None,
@@ -50,9 +50,11 @@ def test_curve_callback_logs_heldout_rewards_at_every_kth_and_the_last_step(tmp_
              checkpoint_dir=str(tmp_path / "checkpoints"), settings=settings)
 
     rows = {row["step"]: row for row in map(json.loads, dynamics.read_text().splitlines())}
-    assert sorted(rows) == [1, 2, 3]
-    assert not any(key.startswith("heldout_") for key in rows[1])  # step 1 is not due
-    for step in (2, 3):  # every 2nd step, and the last
+    assert sorted(rows) == [1, 2, 3, 4, 5]
+    # Steps 2 and 4; not 1, 3, nor the last (the trained model's end-point table is that point).
+    for step in (1, 3, 5):
+        assert not any(key.startswith("heldout_") for key in rows[step]), step
+    for step in (2, 4):
         row = rows[step]
         assert row["heldout_accuracy_n"] == 2 and row["heldout_instruction_n"] == 1
         assert row["heldout_accuracy"] in (0.0, 0.5, 1.0)  # the mean of two 0/1 rewards
@@ -127,7 +129,7 @@ def test_the_smoke_runs_curve_set_is_disjoint_from_its_grpo_training_prompts(smo
 
 
 def test_report_draws_each_variants_curve_from_the_sft_start_with_wilson_intervals(tmp_path):
-    from balancedbio.report.curves import CURVES_FIGURE, curve_points, make_curve_figures
+    from balancedbio.report.curves import CURVES_FIGURE, curve_points, make_curve_figures, table_point
     from balancedbio.report.load import RunData
     from balancedbio.report.stats import wilson_interval
 
@@ -137,7 +139,7 @@ def test_report_draws_each_variants_curve_from_the_sft_start_with_wilson_interva
             "heldout_instruction_n": 30.0, "heldout_instruction_low": 0.4, "heldout_instruction_high": 0.6}
         return {"step": step, "loss": 0.0, **extra}
 
-    dynamics = {"full": [row(1), row(2, 0.25), row(3), row(4, 0.5)], "no_aoc": [row(2, 0.2), row(4, 0.3)],
+    dynamics = {"full": [row(1), row(2, 0.25), row(3), row(4, 0.5), row(5)], "no_aoc": [row(2, 0.2), row(4, 0.3)],
                 "static_weights": [row(1), row(2)]}  # no curves logged: not drawn
     points = curve_points(dynamics["full"], "accuracy")
     assert [p["step"] for p in points] == [2, 4]
@@ -146,7 +148,11 @@ def test_report_draws_each_variants_curve_from_the_sft_start_with_wilson_interva
     sft = {"summary": {"status": "ok", "components": {"accuracy": {"mean": 0.1, "n": 40},
                                                       "instruction": {"mean": 0.45, "n": 30, "ci_low": 0.3,
                                                                       "ci_high": 0.6}}}, "items": {}}
-    captions = make_curve_figures(RunData({}, {"sft": sft}, dynamics), tmp_path)
-    assert list(captions) == [CURVES_FIGURE] and "n = 30, 40" in captions[CURVES_FIGURE]
+    trained = {"summary": {"status": "ok", "components": {"accuracy": {"mean": 0.6, "n": 50}}}, "items": {}}
+    assert table_point({"sft": sft}, "sft", "accuracy", 0)["low"] == wilson_interval(0.1, 40)[0]
+    assert table_point({"grpo_full": trained}, "grpo_full", "instruction", 5) is None
+    captions = make_curve_figures(RunData({}, {"sft": sft, "grpo_full": trained}, dynamics), tmp_path)
+    # n of the curve points (30, 40) and of full's end point (its end-point table, 50)
+    assert list(captions) == [CURVES_FIGURE] and "n = 30, 40, 50" in captions[CURVES_FIGURE]
     assert (tmp_path / f"{CURVES_FIGURE}.png").stat().st_size > 10_000
     assert make_curve_figures(RunData({}, {}, {"full": [row(1)]}), tmp_path / "none") == {}

@@ -8,7 +8,8 @@ variant's ``dynamics.jsonl`` (``curve_set_path``), where the run finds it.
 
 ``HeldoutCurves`` (a ``TrainerCallback``) answers the set greedily, batched, from a merged copy of the
 policy (``balancedbio.rollout.RolloutCopy``: the adapters folded in, bf16 where this CPU multiplies it
-faster, as the evaluations run) every ``every_steps`` optimizer steps and at the last step, scores the
+faster, as the evaluations run) every ``every_steps`` optimizer steps before the last (the last is the
+trained model's end-point table, rule ``heldout_rewards``: the same items, not answered twice), scores the
 answers with the training rewards (``heldout.score_items``) and appends the means, their n and 95%
 intervals (``heldout.summarise``: Wilson for R_acc) to the trainer's step metrics under
 ``balancedbio/heldout_<component>[_n|_low|_high]``. TRL's ``log`` sends them to every ``report_to``
@@ -103,7 +104,7 @@ def curve_metrics(rows: list[dict]) -> dict[str, float]:
 
 
 class HeldoutCurves(TrainerCallback):
-    """Every ``every_steps`` steps (and at the last), the held-out rewards of the policy into the step's metrics."""
+    """Every ``every_steps`` steps (before the last), the held-out rewards of the policy into the step's metrics."""
 
     def __init__(self, trainer, curve_set: dict):
         self.trainer, self.curve_set = trainer, curve_set
@@ -113,7 +114,9 @@ class HeldoutCurves(TrainerCallback):
         self._copy = None
 
     def due(self, step: int, max_steps: int) -> bool:
-        return step > 0 and (step % self.every_steps == 0 or step == max_steps)
+        # Not the last step: the trained model's end-point table (rule heldout_rewards, the same items and
+        # generation) is that point, and the report's figure ends each curve with it.
+        return 0 < step < max_steps and step % self.every_steps == 0
 
     def evaluate(self, model, tokenizer) -> dict[str, float]:
         """Answer the set with the current policy (a merged copy, so the policy's mode and weights stay as they are)."""

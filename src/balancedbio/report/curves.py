@@ -1,9 +1,10 @@
 """The learning curves figure: each variant's held-out rewards against the GRPO step, with 95% intervals.
 
 The points are the ``heldout_<component>`` columns of each variant's ``dynamics.jsonl`` (logged every
-``grpo.heldout_eval_steps`` steps by ``balancedbio.grpo.curves``). Step 0 is the SFT model every variant
-starts from, from its end-point held-out table (``results/eval/sft/heldout_rewards.json``: the same items
-and generation settings) when the report has it. Intervals: Wilson (``report.stats.wilson_interval``) for
+``grpo.heldout_eval_steps`` steps before the last by ``balancedbio.grpo.curves``). Step 0 is the SFT model
+every variant starts from and the last step the trained variant, from their end-point held-out tables
+(``results/eval/<model>/heldout_rewards.json``: the same items and generation settings) when the report
+has them. Intervals: Wilson (``report.stats.wilson_interval``) for
 the 0/1 accuracy reward; the logged Student t interval for the instruction reward (a fraction per prompt).
 """
 
@@ -34,15 +35,15 @@ def curve_points(rows: list[dict], component: str) -> list[dict]:
     return points
 
 
-def start_point(heldout: dict, component: str) -> dict | None:
-    """Step 0: the SFT model's end-point held-out reward (the policy every variant starts from)."""
-    summary = ((heldout.get("sft") or {}).get("summary") or {})
+def table_point(heldout: dict, model: str, component: str, step: int) -> dict | None:
+    """A model's end-point held-out reward (rule heldout_rewards) as the curve's point at ``step``."""
+    summary = ((heldout.get(model) or {}).get("summary") or {})
     stats = (summary.get("components") or {}).get(component) if summary.get("status") == "ok" else None
     if not stats or not stats.get("n"):
         return None
     low, high = (wilson_interval(stats["mean"], stats["n"]) if component == "accuracy"
                  else (stats.get("ci_low"), stats.get("ci_high")))
-    return {"step": 0, "mean": stats["mean"], "n": stats["n"], "low": low, "high": high}
+    return {"step": step, "mean": stats["mean"], "n": stats["n"], "low": low, "high": high}
 
 
 def make_curve_figures(data, fig_dir: Path) -> dict[str, str]:
@@ -60,9 +61,12 @@ def make_curve_figures(data, fig_dir: Path) -> dict[str, str]:
                              layout="constrained")
     counts = set()
     for ax, component in zip(axes[0], COMPONENTS):
-        start = start_point(data.heldout, component)
+        # Step 0 is the SFT model every variant starts from; the last step the trained variant's own table.
+        start = table_point(data.heldout, "sft", component, 0)
         for variant, points in sorted(curves.items()):
-            points = ([start] if start else []) + points[component]
+            last_step = max(row["step"] for row in data.dynamics[variant])
+            end = table_point(data.heldout, f"grpo_{variant}", component, last_step)
+            points = [p for p in (start, *points[component], end) if p is not None]
             if not points:
                 continue
             steps = [p["step"] for p in points]
@@ -82,5 +86,5 @@ def make_curve_figures(data, fig_dir: Path) -> dict[str, str]:
     n_text = ", ".join(str(n) for n in sorted(counts))
     return {CURVES_FIGURE: ("Held-out rewards of each variant every few GRPO steps, on items no variant trained on "
                             f"(n = {n_text} per point), with 95% intervals (Wilson for accuracy, t for instruction); "
-                            "step 0 is the SFT model all variants start from. Curves that rise above step 0's "
+                            "step 0 is the SFT model all variants start from, the last step each trained model's end-point table. Curves that rise above step 0's "
                             "interval show the loop learning what its rewards reward.")}
