@@ -56,9 +56,14 @@ test: install browser slurm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The fast loop while editing: no `slow` test, and none of the unmarked end-to-end ones (real
-# trainers in subprocesses: the two-process AOC runs, the SIGKILL/resume run). CI runs `make test`.
+# trainers in subprocesses: the two-process AOC runs; the kill, SIGTERM, torn-file, full-disk and
+# non-finite runs of test_faults). CI runs `make test`, all of them.
+FAULT_RUNS := stale_checkpoint_is_not_resumed_and_a_second_trainer_is_refused \
+	sigterm_checkpoints_at_the_next_step_and_the_rerun_resumes_there \
+	a_torn_file_in_the_newest_checkpoint_falls_back_to_the_previous_one \
+	a_checkpoint_that_cannot_fit_stops_the_run_with_one_line a_non_finite_run_stops_before_saving_and_names_the_step
 FAST_DESELECT := --deselect tests/test_distributed.py --deselect tests/test_distributed_project.py \
-	--deselect tests/test_faults.py::test_stale_checkpoint_is_not_resumed_and_a_second_trainer_is_refused
+	$(foreach test,$(FAULT_RUNS),--deselect tests/test_faults.py::test_$(test))
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(FAST_DESELECT) $(PYTEST_ARGS)
