@@ -73,6 +73,16 @@ def test_a_wrong_final_letter_always_lowers_the_reasoning_reward(aggregate):
     assert farmed_wrong < sound
 
 
+@pytest.mark.parametrize("aggregate", ["mean", "min"])
+def test_one_good_fact_alone_does_not_outscore_a_sound_chain(aggregate):
+    """The farmer's next move after repetition: the single best-scored fact, written once. The
+    missing steps count as neutral, so it scores below the two-fact chain it was taken from."""
+    chain = [FACTS[0], FACTS[1]]
+    sound, alone, alone_repeated = _reasoning([format_reasoning(chain, "B"), format_reasoning(FACTS[:1], "B"),
+                                               format_reasoning(FACTS[:1] * 30, "B")], aggregate=aggregate)
+    assert alone == alone_repeated < sound
+
+
 def test_padding_adds_nothing():
     """The length term counts the distinct words of the scored steps: filler lines, repeated
     words, an extra copy of the chain, or a step padded with its own words earn nothing."""

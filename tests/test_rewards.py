@@ -135,8 +135,9 @@ def test_the_answer_key_sets_the_conclusions_sign():
     text = "Step 1: Beta cells of the pancreas make insulin.\nAnswer: {}"
     values = reward(prompts=["q"] * 4, completions=[text.format(x) for x in "BAB"] + [text.format("A or B")],
                     question=[QUESTION] * 4, answer=["B", "B", None, "B"])
-    assert values[0] == pytest.approx(_sigmoid(0.5 * 2 + 0.5 * 2), abs=1e-5)
-    assert values[1] == pytest.approx(_sigmoid(0.5 * 2 + 0.5 * -1), abs=1e-5)
+    # One step, so a neutral second one (MIN_SCORED_STEPS): the steps' mean is (2 + 0) / 2.
+    assert values[0] == pytest.approx(_sigmoid(0.5 * 1 + 0.5 * 2), abs=1e-5)
+    assert values[1] == pytest.approx(_sigmoid(0.5 * 1 + 0.5 * -1), abs=1e-5)
     assert values[2] == values[0], "no key: the PRM's own verdict on the conclusion"
     assert values[3] == values[1], "a hedge is not the right letter"
 

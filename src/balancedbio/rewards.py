@@ -203,6 +203,7 @@ class ReasoningReward(RewardComponent):
     - the PRM scores the distinct reasoning steps only: a step whose content words nearly
       repeat an earlier step's (``near_duplicate``) is scored once, and at most
       ``MAX_SCORED_STEPS`` of them (the training chains have 1-6 steps before the conclusion);
+      fewer than ``MIN_SCORED_STEPS`` are completed with neutral (0) margins;
     - the PRM score is ``(1 - CONCLUSION_WEIGHT) * aggregate(step margins) + CONCLUSION_WEIGHT *
       conclusion margin``: the conclusion's weight does not shrink as steps are added. Where the
       answer key is known (an ``answer`` column), the conclusion's margin takes the key's sign,
@@ -258,6 +259,8 @@ class ReasoningReward(RewardComponent):
             key = keys[i].strip().upper() if isinstance(keys[i], str) and keys[i].strip() else None
             if key is not None:
                 concluded = max(concluded, 0.0) if letter == key else min(concluded, 0.0) - 1.0
+            # Missing steps below MIN_SCORED_STEPS count as neutral (0): one good fact alone is no chain.
+            body = body + [0.0] * (MIN_SCORED_STEPS - len(body))
             aggregated = min(body) if self.aggregate == "min" else sum(body) / len(body)
             margin = (1.0 - CONCLUSION_WEIGHT) * aggregated + CONCLUSION_WEIGHT * concluded
             length_term = self.gamma * min(distinct_word_count(steps + ([conclusion] if conclusion else []),
@@ -271,6 +274,10 @@ CONCLUSION_WEIGHT = 0.5  # of the PRM score, however many steps precede the conc
 # The PRM's training chains (data/reasoning.py build_chains) have 1 to 6 steps before their
 # conclusion; more distinct steps than this are not scored (the PRM has not seen such chains).
 MAX_SCORED_STEPS = 8
+# The SFT targets write at least two facts before the answer; a completion with fewer distinct
+# steps has the missing ones scored neutral (margin 0), so the best single fact, written once
+# or thirty times, does not outscore a sound chain (measured on the default PRM: it did on 35 of 40).
+MIN_SCORED_STEPS = 2
 NEAR_DUPLICATE = 0.75  # Jaccard similarity of two steps' content words at or above which they are one step
 _NEGATION = re.compile(r"\b(?:not|no|never|cannot|without)\b|n't\b", re.IGNORECASE)
 
