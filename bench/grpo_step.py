@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from balancedbio.config import load_config  # noqa: E402
-from balancedbio.grpo import build_trainer, variant_settings  # noqa: E402
+from balancedbio.grpo.run import build_trainer, parse_recipe  # noqa: E402
+from balancedbio.variants import grpo_recipe, variant_settings  # noqa: E402
 
 # name -> (vanilla TRL?, changes to the `full` settings)
 CONFIGS = {
@@ -44,6 +45,12 @@ CONFIGS = {
     "pid_only": (False, {"aoc": {"mode": "off"}}),
     "monitor": (False, {"aoc": {"mode": "monitor"}}),
     "project": (False, {"aoc": {"mode": "project", "projection": "pcgrad"}}),
+    # Issue 23's levers, each against `full` as configured: no KL term (no reference forward), AOC on
+    # every 2nd / 4th step only.
+    "full_beta0": (False, {"grpo": {"beta": 0.0}}),
+    "full_beta004": (False, {"grpo": {"beta": 0.04}}),
+    "full_interval2": (False, {"aoc": {"interval": 2}}),
+    "full_interval4": (False, {"aoc": {"interval": 4}}),
 }
 DESCRIPTIONS = {
     "vanilla": "TRL `GRPOTrainer` (same stratified batches), same rewards, static weights",
@@ -52,18 +59,26 @@ DESCRIPTIONS = {
     "pid_only": "PID weights, AOC `off` (the `no_aoc` variant)",
     "monitor": "PID weights, AOC `monitor` (S_cos logged only)",
     "project": "PID weights, AOC `project` (PCGrad via torchjd)",
+    "full_beta0": "`full` with `beta: 0` (no KL term, no reference forward)",
+    "full_beta004": "`full` with `beta: 0.04` (KL term, reference forward every step)",
+    "full_interval2": "`full` with `aoc.interval: 2`",
+    "full_interval4": "`full` with `aoc.interval: 4`",
 }
 
 
 class StepTimer(TrainerCallback):
+    """Wall seconds per step, and this process's CPU seconds per step: on a shared machine (more runnable
+    threads than cores) wall time measures the neighbours, while a one-thread run's CPU time is its own work."""
+
     def __init__(self):
-        self.started, self.seconds = None, []
+        self.started, self.seconds, self.cpu_seconds = None, [], []
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.started = time.perf_counter()
+        self.started = (time.perf_counter(), time.process_time())
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.seconds.append(time.perf_counter() - self.started)
+        self.seconds.append(time.perf_counter() - self.started[0])
+        self.cpu_seconds.append(time.process_time() - self.started[1])
 
 
 # Where a step's time goes: TRL methods wrapped with a stopwatch (nested phases are subtracted
@@ -80,6 +95,10 @@ PHASES = {
 }
 
 
+# Phases in CPU seconds with --cpu-time (set in the worker), else wall seconds.
+CLOCK = time.perf_counter
+
+
 def _time_phases(trainer) -> dict[str, list[float]]:
     spent: dict[str, list[float]] = {phase: [] for phase in PHASES}
     for phase, method in PHASES.items():
@@ -88,11 +107,11 @@ def _time_phases(trainer) -> dict[str, list[float]]:
         original = getattr(trainer, method)
 
         def timed(*args, _original=original, _phase=phase, **kwargs):
-            start = time.perf_counter()
+            start = CLOCK()
             try:
                 return _original(*args, **kwargs)
             finally:
-                spent[_phase].append(time.perf_counter() - start)
+                spent[_phase].append(CLOCK() - start)
 
         setattr(trainer, method, timed)
     return spent
@@ -112,14 +131,15 @@ def worker(name: str, config_path: str, steps: int, results: Path) -> dict:
     settings["grpo"].update(max_steps=steps, save_steps=10 ** 6)
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
+        paths = {"model": str(results / "models" / "sft"), "mcq": str(results / "data" / "clean" / "mcq_train.jsonl"),
+                 "prompts": str(results / "data" / "clean" / "prompts.jsonl"), "prm": str(results / "models" / "prm"),
+                 "out": tmp, "dynamics": f"{tmp}/dynamics.jsonl", "checkpoints": tmp}
         trainer, _ = build_trainer(
-            model_dir=str(results / "models" / "sft"), mcq_path=str(results / "data" / "clean" / "mcq_train.jsonl"),
-            prompts_path=str(results / "data" / "clean" / "prompts.jsonl"), prm_dir=str(results / "models" / "prm"),
-            settings=settings, output_dir=tmp, callbacks=[timer], vanilla=vanilla,
+            *parse_recipe(grpo_recipe(settings, paths)), callbacks=[timer], vanilla=vanilla,
             generation_kwargs={"min_new_tokens": settings["grpo"]["max_completion_length"]})
         phases = _time_phases(trainer)
         trainer.train()
-    return {"config": name, "step_seconds": timer.seconds, "phases": phases,
+    return {"config": name, "step_seconds": timer.seconds, "step_cpu_seconds": timer.cpu_seconds, "phases": phases,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -134,9 +154,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="steps per run (the first is warm-up, not counted)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds: every configuration once per round")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="report CPU seconds of the (one-thread) process instead of wall seconds: on a shared "
+                             "machine wall time measures the other jobs")
     parser.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.process_time
     if args.worker:
         Path(args.out).write_text(json.dumps(worker(args.worker, args.config, args.steps, Path(args.results))))
         return
@@ -147,7 +173,12 @@ def main() -> None:
             for name in args.configs:  # interleaved, so drift of the machine hits every configuration alike
                 out = Path(tmp) / f"{name}_{round_index}.json"
                 subprocess.run([sys.executable, __file__, "--worker", name, "--out", str(out), "--config", args.config,
-                                "--results", args.results, "--steps", str(args.steps)], check=True)
+                                "--results", args.results, "--steps", str(args.steps),
+                                *(["--cpu-time"] if args.cpu_time else [])], check=True)
+                if args.cpu_time:  # the table's seconds are the process's own CPU seconds
+                    run_json = json.loads(out.read_text())
+                    run_json["step_seconds"] = run_json["step_cpu_seconds"]
+                    out.write_text(json.dumps(run_json))
                 run = json.loads(out.read_text())
                 runs[name].append(run)
                 print(f"round {round_index + 1} {name}: " + ", ".join(f"{s:.1f}" for s in run["step_seconds"])
@@ -173,7 +204,8 @@ def main() -> None:
                                      "max": max(ratios), "of_medians": r["median_s"] / base["median_s"]}
     grpo = load_config(args.config, base_dir=REPO)["grpo"]
     header = (f"G={grpo['num_generations']}, {grpo['prompts_per_step']} prompts/step, "
-              f"{grpo['max_completion_length']} completion tokens, {args.rounds} interleaved rounds x "
+              f"{grpo['max_completion_length']} completion tokens, {'CPU' if args.cpu_time else 'wall'} seconds, "
+              f"{args.rounds} interleaved rounds x "
               f"{args.steps} steps per configuration (the first step of each run is warm-up, not counted)")
     lines = [header, "",
              "| configuration | s/step min / median / max | vs vanilla: median of all steps | per-round ratio "
