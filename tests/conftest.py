@@ -38,11 +38,53 @@ def run_snakemake(*args: str, workdir: Path | None = None, env: dict | None = No
 SMOKE_ENV = {"BALANCEDBIO_BENCHMARKS_DIR": str(SHARED_BENCHMARKS)}
 
 
+LOCAL_CLUSTER = REPO / "profiles" / "slurm" / "local-cluster.sh"
+# Through profiles/slurm on the local cluster: no accounting database (profiles/slurm/README.md); a
+# first status look after 5 s, not 40, so short jobs do not wait; every job's SLURM log kept.
+SLURM_ARGS = ("--profile", str(REPO / "profiles" / "slurm"), "--slurm-status-command", "squeue",
+              "--slurm-init-seconds-before-status-checks", "5", "--slurm-keep-successful-logs", "--retries", "0")
+SMOKE_OUTPUT = "smoke_run.out"  # Snakemake's output of the smoke run, kept for tests/test_slurm.py
+SMOKE_SLURM = "smoke_run.slurm"  # present when the smoke run went through the local SLURM cluster
+
+
+def _local_cluster(mode: str) -> subprocess.CompletedProcess:
+    # The first start may install slurm-wlm with apt (waiting for another apt's lock).
+    return subprocess.run(["bash", str(LOCAL_CLUSTER), mode], capture_output=True, text=True, timeout=1200)
+
+
 @pytest.fixture(scope="session")
-def smoke_workdir(tmp_path_factory) -> Path:
-    """A working directory in which the smoke config ran the whole workflow for real."""
+def local_slurm():
+    """A single-node SLURM cluster on this machine (profiles/slurm/local-cluster.sh), or the reason there
+    is none; stopped at the end of the session unless it was already running."""
+    if os.environ.get("BALANCEDBIO_TEST_SLURM", "1") == "0":
+        yield "BALANCEDBIO_TEST_SLURM=0"
+        return
+    if os.geteuid() != 0:
+        yield "the local SLURM cluster needs root (slurmd runs as root)"
+        return
+    was_running = _local_cluster("status").returncode == 0
+    started = _local_cluster("start")
+    if started.returncode != 0:
+        yield (started.stderr.strip().splitlines()[-1:] or [f"exit status {started.returncode}"])[0]
+        return
+    yield None
+    if not was_running:
+        _local_cluster("stop")
+
+
+@pytest.fixture(scope="session")
+def smoke_workdir(tmp_path_factory, local_slurm) -> Path:
+    """A working directory in which the smoke config ran the whole workflow for real.
+
+    Where a local SLURM cluster can run, the one smoke run goes through ``--profile profiles/slurm``
+    (the cluster path tested for real without a second whole run; tests/test_slurm.py checks it);
+    elsewhere on the local cores."""
     workdir = tmp_path_factory.mktemp("smoke_run")
-    run_snakemake("--cores", "2", "--configfile", str(TEST_CONFIG), workdir=workdir, env=SMOKE_ENV)
+    through = SLURM_ARGS if local_slurm is None else ("--cores", "2")
+    result = run_snakemake(*through, "--configfile", str(TEST_CONFIG), workdir=workdir, env=SMOKE_ENV)
+    (workdir / SMOKE_OUTPUT).write_text(result.stdout + result.stderr, encoding="utf-8")
+    if local_slurm is None:
+        (workdir / SMOKE_SLURM).touch()
     return workdir
 
 

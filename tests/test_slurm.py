@@ -1,47 +1,22 @@
 """The cluster path for real: the `.test` workflow through `--profile profiles/slurm` on a throwaway
 single-node SLURM that profiles/slurm/local-cluster.sh starts on this machine (no accounting
-database, as at a site without slurmdbd). Skipped, with the reason, where that cluster cannot run."""
+database, as at a site without slurmdbd). The session's one smoke run goes through it where it can
+(tests/conftest.py); skipped, with the reason, where that cluster cannot run."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SMOKE_ENV, TEST_CONFIG, run_snakemake
+from conftest import SMOKE_OUTPUT, SMOKE_SLURM
 
-LOCAL_CLUSTER = REPO / "profiles" / "slurm" / "local-cluster.sh"
 # "Job 4 has been submitted with SLURM jobid 5 (log: /.../slurm_logs/rule_build_kg/5.log)."
 SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: (\S+)\)\.")
 LOG_RULE = re.compile(r"/slurm_logs/rule_([A-Za-z0-9_]+)/")
-
-
-def _cluster(mode: str) -> subprocess.CompletedProcess:
-    # The first start may install slurm-wlm with apt (waiting for another apt's lock).
-    return subprocess.run(["bash", str(LOCAL_CLUSTER), mode], capture_output=True, text=True, timeout=1200)
-
-
-@pytest.fixture(scope="module")
-def local_slurm():
-    """A running single-node cluster; stopped afterwards unless it was already running."""
-    if shutil.which("bash") is None:
-        pytest.skip("the local SLURM cluster's script needs bash")
-    if os.geteuid() != 0:
-        pytest.skip("the local SLURM cluster needs root (slurmd runs as root)")
-    was_running = _cluster("status").returncode == 0
-    started = _cluster("start")
-    if started.returncode != 0:
-        reason = started.stderr.strip().splitlines()[-1:] or [f"exit status {started.returncode}"]
-        pytest.skip(f"no local SLURM cluster: {reason[0]}")
-    yield
-    if not was_running:
-        stopped = _cluster("stop")
-        assert stopped.returncode == 0, stopped.stderr
 
 
 def _job_stats(output: str) -> dict[str, int]:
@@ -52,19 +27,16 @@ def _job_stats(output: str) -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_test_workflow_runs_through_the_slurm_profile(local_slurm, tmp_path):
-    result = run_snakemake(
-        "--profile", str(REPO / "profiles" / "slurm"),
-        # No accounting database (profiles/slurm/README.md); a first look after 5 s, not 40,
-        # so that short jobs do not wait; every job's SLURM log kept for the checks below.
-        "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "5",
-        "--slurm-keep-successful-logs", "--retries", "0",
-        "--configfile", str(TEST_CONFIG), workdir=tmp_path, env=SMOKE_ENV)
-    output = result.stdout + result.stderr
+def test_test_workflow_runs_through_the_slurm_profile(smoke_workdir, local_slurm):
+    """The session's one smoke run of the `.test` workflow (tests/conftest.py) went through SLURM."""
+    if local_slurm is not None:
+        pytest.skip(f"no local SLURM cluster, the smoke run used the local cores: {local_slurm}")
+    assert (smoke_workdir / SMOKE_SLURM).is_file()
+    output = (smoke_workdir / SMOKE_OUTPUT).read_text(encoding="utf-8")
 
-    report = tmp_path / "results" / "report" / "report.html"
+    report = smoke_workdir / "results" / "report" / "report.html"
     assert report.is_file() and report.stat().st_size > 0
-    assert (tmp_path / "results" / "grpo_full" / "dynamics.jsonl").is_file()
+    assert (smoke_workdir / "results" / "grpo_full" / "dynamics.jsonl").is_file()
 
     # Every planned job ran, each either on this machine ("localrule x:", the Snakefile's
     # localrules) or through the executor ("rule x:"); each of the latter went through sbatch once.
