@@ -97,8 +97,7 @@ def test_padding_adds_nothing():
     values = _reasoning([base, *padded])
     assert all(v <= values[0] + 1e-12 for v in values[1:]), values
     # The length term is real: the same chain with gamma 0.01 gains 0.01 per distinct word.
-    words = {w for step in [*FACTS, "Therefore, the answer is B: Pancreas."] for w in step.lower().replace(",", " ")
-             .replace(".", " ").replace(":", " ").split()}
+    words = {w for step in FACTS for w in step.lower().replace(",", " ").replace(".", " ").split()}
     assert _reasoning([base], gamma=0.01)[0] - _reasoning([base], gamma=0.0)[0] == pytest.approx(0.01 * len(words))
 
 
@@ -134,6 +133,14 @@ def test_a_nan_reward_is_an_error_not_does_not_apply():
         _reasoning([format_reasoning(FACTS, "B")], scorer=NaNPRM())
     with pytest.raises(ValueError, match="rewards.gamma"):
         ReasoningReward(KeywordPRM(), gamma=float("nan"))
+
+    class Broken(AccuracyReward):
+        def score(self, prompts, texts, columns):
+            return [float("nan")] * len(texts), [None] * len(texts)
+
+    # TRL would read the NaN as "does not apply" and silently drop the component.
+    with pytest.raises(FloatingPointError, match=r"accuracy reward is nan for sample 0 of 1"):
+        Broken()(prompts=["q"], completions=["Answer: B"], answer=["B"])
 
 
 class HedgeCase:
@@ -210,8 +217,10 @@ def _held_out_sound_chains(workdir, n):
 def test_farming_the_trained_prm_does_not_pay(default_prm_workdir, aggregate):
     """The issue's example on held-out questions: each valid fact of the sound chain repeated 30
     times (the farmer's best), with the right and with a wrong letter, against the sound chain.
-    Before: the farmed chain won on 37 of 37 questions, with either letter. Now repetition
-    scores what the fact scores once, and the farmed chain with a wrong letter never wins."""
+    Before: the farmed chain won on 37 of 37 questions, with either letter (measured again on
+    2026-12-04: 40 of 40, mean R_reas 1.033 against 0.659). Now repetition scores what the fact
+    scores once, which is below the sound chain with either letter (0 of 40; mean 0.625 right
+    letter, 0.320 wrong, 0.707 sound)."""
     from balancedbio.prm import PRMScorer
 
     reward = ReasoningReward(PRMScorer(default_prm_workdir / "results" / "models" / "prm"), gamma=0.001,
@@ -232,6 +241,7 @@ def test_farming_the_trained_prm_does_not_pay(default_prm_workdir, aggregate):
                         answer=[chain["answer"]] * n)
         k = len(facts)
         assert values[1:1 + k] == values[1 + k:1 + 2 * k], "thirty copies score what one copy scores"
-        rows.append((values[0], max(values[1 + 2 * k:])))
-    sound, farmed_wrong = np.array(rows).T
+        rows.append((values[0], max(values[1:1 + k]), max(values[1 + 2 * k:])))
+    sound, farmed_right, farmed_wrong = np.array(rows).T
+    assert (farmed_right < sound).all(), (int((farmed_right >= sound).sum()), len(rows))
     assert (farmed_wrong < sound).all(), (int((farmed_wrong >= sound).sum()), len(rows))

@@ -210,7 +210,8 @@ class ReasoningReward(RewardComponent):
       as the PRM was trained to give it (right letter valid, any other fallacious): at least 0
       for the right letter, at most -1 for a wrong one, a hedge or no answer line, so a wrong
       final letter always lowers R_reas;
-    - len(o) counts the distinct words of the scored steps, so repeating or padding adds nothing;
+    - len(o) counts the distinct words of the scored reasoning steps (not the conclusion, whose
+      option text varies by letter), so repeating or padding adds nothing;
     - 0 when the completion has no reasoning step (the length term rewards reasoning, not filler).
     """
 
@@ -263,8 +264,8 @@ class ReasoningReward(RewardComponent):
             body = body + [0.0] * (MIN_SCORED_STEPS - len(body))
             aggregated = min(body) if self.aggregate == "min" else sum(body) / len(body)
             margin = (1.0 - CONCLUSION_WEIGHT) * aggregated + CONCLUSION_WEIGHT * concluded
-            length_term = self.gamma * min(distinct_word_count(steps + ([conclusion] if conclusion else []),
-                                                               self.length_target), self.length_target)
+            # Over the reasoning steps, not the conclusion: its option text's length is no reasoning.
+            length_term = self.gamma * min(distinct_word_count(steps, self.length_target), self.length_target)
             rewards[i] = 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, margin)))) + length_term
             success[i] = margin > 0
         return rewards, success
