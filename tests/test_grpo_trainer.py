@@ -173,14 +173,17 @@ def test_zero_advantage_capability_makes_the_cosine_undefined(tmp_path):
 
 def test_reward_weights_follow_the_controller(tmp_path):
     trainer = make_trainer(tmp_path, "off")
-    trainer.reward_funcs[0].last_success = [False, False, True, False]  # accuracy 25 %
-    trainer.reward_funcs[1].last_success = [True, True, True, None]  # instruction 100 %
     rates_before = list(trainer.weight_controller.weights)
-    # What _calculate_rewards does after TRL scored the batch:
+    # What _calculate_rewards does after TRL scored the batch (the functions reported through log_extra):
     trainer.model.train()
     from unittest import mock
 
-    with mock.patch("trl.GRPOTrainer._calculate_rewards", return_value=torch.zeros(4, 2)):
+    def scored(*args):
+        trainer._log_completion_extra("success/accuracy", [False, False, True, False])  # accuracy 25 %
+        trainer._log_completion_extra("success/instruction", [True, True, True, None])  # instruction 100 %
+        return torch.zeros(4, 2)
+
+    with mock.patch("trl.GRPOTrainer._calculate_rewards", side_effect=scored):
         trainer._calculate_rewards([{}] * 4, ["p"] * 4, ["c"] * 4, [[1]] * 4)
     assert rates_before == [1.0, 1.0]
     assert float(trainer.reward_weights[0]) > 1.0 > float(trainer.reward_weights[1])
@@ -282,19 +285,18 @@ def test_weighted_advantages_keep_this_process_rows(tmp_path):
 # -- dynamic sampling of constant groups --------------------------------------------------------
 class ScriptedReward:
     """A plain reward callable for one capability: 1.0 on every completion of a prompt in ``constant``
-    (a group without variance), else 1, 0, 1, 0 ... (a group of 2 with variance); None elsewhere."""
+    (a group without variance), else 1, 0, 1, 0 ... (a group of 2 with variance); None elsewhere. Like
+    any TRL reward function it keeps no state: success goes to TRL's log_extra, a count to log_metric."""
 
     def __init__(self, name: str, capability: str, constant: set[str]):
         self.name = self.__name__ = name
         self.capability, self.constant = capability, constant
-        self.last_success: list = []
-        self.stats = {"calls": 0}
 
-    def __call__(self, prompts, completions, capability, **_):
-        self.stats["calls"] += 1
+    def __call__(self, prompts, completions, capability, log_extra, log_metric, **_):
         scores = [None if c != self.capability else 1.0 if p in self.constant else float(i % 2 == 0)
                   for i, (p, c) in enumerate(zip(prompts, capability))]
-        self.last_success = [None if s is None else s == 1.0 for s in scores]
+        log_extra(f"success/{self.name}", [None if s is None else s == 1.0 for s in scores])
+        log_metric(f"{self.name}_calls", 1.0)
         return scores
 
 
@@ -314,8 +316,10 @@ def _resampling_trainer(tmp_path, rounds: int):
 def test_dynamic_sampling_replaces_a_constant_group_and_counts_what_it_discarded(tmp_path):
     trainer = _resampling_trainer(tmp_path, rounds=2)
     rows = [dict(trainer.train_dataset[i]) for i in (0, 0, 1, 1)]
-    calls_before = trainer.reward_funcs[1].stats["calls"]
-    output = trainer._generate_and_score_completions(rows)
+    from unittest import mock
+
+    with mock.patch.object(trainer, "_log_metric", wraps=trainer._log_metric) as log_metric:
+        output = trainer._generate_and_score_completions(rows)
     record = trainer.pop_step_record()
     # The constant instruction group (w3 w4) was replaced by the only other instruction prompt, in place.
     assert [row["prompt"] for row in rows] == ["w1 w2", "w1 w2", "w5 w6", "w5 w6"]
@@ -328,8 +332,8 @@ def test_dynamic_sampling_replaces_a_constant_group_and_counts_what_it_discarded
     # The controller's rate counts every sampled instruction completion: the discarded group's two
     # successes and the kept group's one of two -> 3/4 (the kept rows alone would say 1/2).
     assert record["batch_success_instruction"] == pytest.approx(0.75)
-    # The checking calls did not count in the reward's statistics: one scoring of the final batch.
-    assert trainer.reward_funcs[1].stats["calls"] == calls_before + 1
+    # The checking calls stayed out of TRL's metrics: one scoring of the final batch per reward function.
+    assert [c.args[0] for c in log_metric.call_args_list] == ["accuracy_calls", "instruction_calls"]
 
 
 def test_without_dynamic_sampling_the_constant_group_stays(tmp_path):
@@ -424,3 +428,29 @@ def test_signals_survive_trl_averaging_and_come_back_under_their_old_names():
     assert row == {"step": 2, "epoch": 1.0, "loss": 0.5, "s_cos": -0.25, "aoc_fired": True, "l_orth": None,
                    "batch_success_reasoning": None, "aoc_note": "single capability", "constant_groups_sampled": 2,
                    "projection_weights": [0.75, 1.0]}
+
+
+# -- rewards without hidden state ---------------------------------------------------------------
+def test_real_rewards_report_success_through_trls_hook_and_the_controller_reads_it(tmp_path):
+    """AccuracyReward and InstructionReward on real completions, called by TRL's own _calculate_rewards."""
+    from balancedbio.rewards import RewardResult
+
+    trainer = make_trainer(tmp_path, "off")
+    medical = {"prompt": "w1 w2", "capability": "medical", "answer": "B", "options": {"A": "x", "B": "y"},
+               "instruction_id_list": [], "kwargs": [], "prompt_text": None}
+    instruction = {"prompt": "w3 w4", "capability": "instruction", "answer": None, "options": None,
+                   "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}], "prompt_text": "Say hi."}
+    inputs = [medical, medical, instruction, instruction]
+    completions = ["The answer is B.", "The answer is A.", "hi there", "hi, there"]
+    accuracy = trainer.reward_funcs[0]
+    result = accuracy.evaluate(["w1 w2"] * 4, completions, **{k: [row[k] for row in inputs] for k in medical})
+    assert result == RewardResult([1.0, 0.0, None, None], [True, False, None, None], {"not_applicable": 2})
+    assert not vars(accuracy).keys() - {"__name__", "nli", "nli_threshold"}  # nothing kept from the call
+    trainer.model.train()
+    rewards = trainer._calculate_rewards(inputs, [row["prompt"] for row in inputs], completions, [[3]] * 4)
+    assert rewards[:, 0].tolist()[:2] == [1.0, 0.0] and rewards[:, 1].tolist()[2:] == [1.0, 0.0]
+    record = trainer.pop_step_record()
+    assert record["batch_success_accuracy"] == 0.5 and record["batch_success_instruction"] == 0.5
+    # TRL's completions table gets the flags; its metrics the counters (half the rows: not applicable).
+    assert list(trainer._pending_extra_logs["success/instruction"]) == [None, None, True, False]
+    assert trainer._pending_metrics["rewards/instruction/not_applicable"] == [0.5]

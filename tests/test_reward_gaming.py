@@ -135,7 +135,7 @@ def test_a_nan_reward_is_an_error_not_does_not_apply():
         ReasoningReward(KeywordPRM(), gamma=float("nan"))
 
     class Broken(AccuracyReward):
-        def score(self, prompts, texts, columns):
+        def score(self, prompts, texts, columns, counts):
             return [float("nan")] * len(texts), [None] * len(texts)
 
     # TRL would read the NaN as "does not apply" and silently drop the component.
@@ -159,8 +159,9 @@ class HedgeCase:
 ])
 def test_hedges_earn_no_accuracy(text):
     reward = AccuracyReward()
-    assert reward(prompts=["q"], completions=[text], answer=["A"], options=[HedgeCase.LONG]) == [0.0]
-    assert reward.stats.get("parse_hedge") == 1
+    result = reward.evaluate(prompts=["q"], completions=[text], answer=["A"], options=[HedgeCase.LONG])
+    assert result.scores == [0.0]
+    assert result.counts.get("parse_hedge") == 1
 
 
 def test_option_text_hedges_on_medqa_earn_nothing():

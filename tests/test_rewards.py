@@ -49,11 +49,11 @@ def test_accuracy_reward_on_plain_and_chat_completions():
     reward = AccuracyReward()
     completions = ["Step 1: beta cells.\nAnswer: B", [{"role": "assistant", "content": "Answer: C"}],
                    "The answer is A or B.", "Answer: B"]
-    values = reward(prompts=["q"] * 4, completions=completions, answer=["B", "B", "B", None],
-                    options=[OPTIONS] * 4)
-    assert values == [1.0, 0.0, 0.0, None]  # no answer column: not applicable
-    assert reward.last_success == [True, False, False, None]
-    assert reward.stats["parse_hedge"] == 1 and reward.stats["not_applicable"] == 1
+    result = reward.evaluate(prompts=["q"] * 4, completions=completions, answer=["B", "B", "B", None],
+                             options=[OPTIONS] * 4)
+    assert result.scores == [1.0, 0.0, 0.0, None]  # no answer column: not applicable
+    assert result.success == [True, False, False, None]
+    assert result.counts["parse_hedge"] == 1 and result.counts["not_applicable"] == 1
 
 
 def test_instruction_reward_is_the_fraction_of_constraints_met():
@@ -63,13 +63,14 @@ def test_instruction_reward_is_the_fraction_of_constraints_met():
     good = "* insulin comes from the pancreas\n* beta cells make it\nany other questions?"
     two_of_three = "* Insulin comes from the pancreas\n* beta cells make it\nAny other questions?"
     bad = "Insulin comes from the pancreas."
-    values = reward(prompts=["p"] * 4, completions=[good, two_of_three, bad, "x"],
-                    instruction_id_list=[ids, ids, ids, []], kwargs=[kwargs, kwargs, kwargs, []])
+    result = reward.evaluate(prompts=["p"] * 4, completions=[good, two_of_three, bad, "x"],
+                             instruction_id_list=[ids, ids, ids, []], kwargs=[kwargs, kwargs, kwargs, []])
+    values = result.scores
     assert values[0] == 1.0
     assert values[1] == pytest.approx(2 / 3)  # capital letters break only the lower-case rule
     assert values[2] == 0.0
     assert values[3] is None
-    assert reward.last_success == [True, False, False, None]
+    assert result.success == [True, False, False, None]
 
 
 def test_instruction_reward_counts_sentences_offline():
@@ -112,8 +113,9 @@ def test_reasoning_reward_is_sigmoid_plus_capped_length_term():
     good = "Step 1: insulin is fine.\nStep 2: the organ is fine again.\nAnswer: B"
     mixed = "Step 1: insulin is fine.\nStep 2: the organ is wrong.\nAnswer: B"
     filler = "Step 1: lorem ipsum dolor.\nStep 2: sit amet.\nAnswer: B"
-    values = reward(prompts=["q"] * 5, completions=[good, mixed, "", good, filler],
-                    capability=["medical", "medical", "medical", "instruction", "medical"], question=question)
+    result = reward.evaluate(prompts=["q"] * 5, completions=[good, mixed, "", good, filler],
+                             capability=["medical", "medical", "medical", "instruction", "medical"], question=question)
+    values = result.scores
     # Two reasoning steps and the conclusion from the answer line, weighted half and half;
     # 9 distinct words, capped at 5.
     assert values[0] == pytest.approx(_sigmoid(0.5 * 2 + 0.5 * 2) + 0.01 * 5, abs=1e-5)
@@ -121,8 +123,8 @@ def test_reasoning_reward_is_sigmoid_plus_capped_length_term():
     assert values[2] == 0.0
     assert values[3] is None  # instruction prompts get no reasoning reward
     assert values[4] == 0.0, "no step names anything the question is about: no reward, not even for length"
-    assert reward.last_success == [True, True, False, None, False]
-    assert reward.stats["no_steps"] == 2
+    assert result.success == [True, True, False, None, False]
+    assert result.counts["no_steps"] == 2
     min_mixed = ReasoningReward(FakeScorer(), gamma=0.01, length_target=5, aggregate="min")(
         prompts=["q"], completions=[mixed], question=question[:1])[0]
     assert min_mixed == pytest.approx(_sigmoid(0.5 * -3 + 0.5 * 2) + 0.01 * 5, abs=1e-5)

@@ -17,9 +17,13 @@ score is raised as an error, never returned):
   the conclusion weighted apart, len(o) its distinct words; 0 for a completion with no
   reasoning step; applies to medical prompts. See the class for why each piece is there.
 
-After each call a component holds ``last_success`` (per sample: True / False / None), which
-the PID weight controller reads, and running counters in ``stats`` (parse failures etc.).
-No component raises on any completion: junk scores 0 and is counted.
+A component keeps no state between calls. ``evaluate`` returns a ``RewardResult``: the scores,
+each sample's success (True / False / None), which the PID weight controller reads, and counters
+(parse failures etc.). Called as TRL calls it, it returns the scores and hands the rest to TRL's
+hooks: the success flags to ``log_extra`` as the column ``success/<name>`` (``BalancedGRPOTrainer``
+reads them there, the completions table shows them), each counter to ``log_metric`` as
+``rewards/<name>/<counter>`` (the fraction of the call's samples). No component raises on any
+completion: junk scores 0 and is counted.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Any, Sequence
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 from balancedbio.answers import extract_choice
 
@@ -61,34 +67,61 @@ def _column(columns: dict, name: str, n: int) -> list:
     return list(values) if values is not None else [None] * n
 
 
+# The log_extra column in which a reward function reports its per-sample success flags.
+SUCCESS_COLUMN = "success/{name}"
+
+
+def success_name(column: str) -> str | None:
+    """The reward function a ``log_extra`` column reports success for (None for any other column)."""
+    prefix = SUCCESS_COLUMN.format(name="")
+    return column[len(prefix):] if column.startswith(prefix) else None
+
+
+@dataclass(frozen=True)
+class RewardResult:
+    """One component's verdict on a batch (as open-instruct's ``VerificationResult``, per batch): a score
+    per sample (None: the component does not apply), its success for the weight controller (None: does
+    not apply) and counters of what went wrong (``parse_hedge``, ``no_steps`` ...)."""
+
+    scores: list[float | None]
+    success: list[bool | None]
+    counts: dict[str, int] = field(default_factory=dict)
+
+
 class RewardComponent:
-    """Base class: TRL calls it; it remembers per-sample success and counts failures."""
+    """Base class: TRL calls it; ``evaluate`` gives the scores, the success flags and the counters."""
 
     name = "reward"
 
     def __init__(self):
         self.__name__ = self.name  # TRL names reward functions by __name__ in its logs
-        self.last_success: list[bool | None] = []
-        self.stats: dict[str, int] = {"calls": 0, "samples": 0, "not_applicable": 0}
 
-    def _count(self, key: str, n: int = 1) -> None:
-        self.stats[key] = self.stats.get(key, 0) + n
-
-    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float | None]:
-        self._count("calls")
-        self._count("samples", len(completions))
-        rewards, success = self.score(list(prompts), [completion_text(c) for c in completions], columns)
+    def evaluate(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> RewardResult:
+        counts: Counter = Counter()
+        rewards, success = self.score(list(prompts), [completion_text(c) for c in completions], columns, counts)
         for index, value in enumerate(rewards):
             # TRL reads NaN as "does not apply" (None): a NaN here would silently drop the
             # component, so it is an error, not a score.
             if value is not None and not math.isfinite(value):
                 raise FloatingPointError(f"{self.name} reward is {value} for sample {index} of {len(rewards)}; "
                                          f"a reward must be finite (check the rewards.* settings)")
-        self.last_success = success
-        self._count("not_applicable", sum(r is None for r in rewards))
-        return rewards
+        counts["not_applicable"] += sum(r is None for r in rewards)
+        return RewardResult(rewards, success, dict(counts))
 
-    def score(self, prompts: list, texts: list[str], columns: dict) -> tuple[list[float | None], list[bool | None]]:
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], *,
+                 log_extra: Callable[[str, list], None] | None = None,
+                 log_metric: Callable[[str, float], None] | None = None, **columns: Any) -> list[float | None]:
+        """TRL's reward-function call: the scores; the success flags and counters go to TRL's hooks."""
+        result = self.evaluate(prompts, completions, **columns)
+        if log_extra is not None:
+            log_extra(SUCCESS_COLUMN.format(name=self.name), result.success)
+        if log_metric is not None and result.scores:
+            for key, count in sorted(result.counts.items()):
+                log_metric(f"rewards/{self.name}/{key}", count / len(result.scores))
+        return result.scores
+
+    def score(self, prompts: list, texts: list[str], columns: dict, counts: Counter
+              ) -> tuple[list[float | None], list[bool | None]]:
         raise TypeError(f"{type(self).__name__} must define score()")
 
 
@@ -102,7 +135,7 @@ class AccuracyReward(RewardComponent):
         self.nli = NLIJudge(nli_model, revision=nli_revision) if nli_model else None
         self.nli_threshold = nli_threshold
 
-    def score(self, prompts, texts, columns):
+    def score(self, prompts, texts, columns, counts):
         answers = _column(columns, "answer", len(texts))
         options = _column(columns, "options", len(texts))
         references = _column(columns, "reference_answer", len(texts))
@@ -121,7 +154,7 @@ class AccuracyReward(RewardComponent):
                 continue
             extraction = extract_choice(text, opts if isinstance(opts, dict) else None)
             if extraction.letter is None:
-                self._count(f"parse_{extraction.status}")
+                counts[f"parse_{extraction.status}"] += 1
             correct = extraction.letter == str(answer).strip().upper()
             rewards.append(1.0 if correct else 0.0)
             success.append(correct)
@@ -173,7 +206,7 @@ class InstructionReward(RewardComponent):
         super().__init__()
         self.loose = loose
 
-    def score(self, prompts, texts, columns):
+    def score(self, prompts, texts, columns, counts):
         from balancedbio.ifeval import follows
 
         ids_column = _column(columns, "instruction_id_list", len(texts))
@@ -189,7 +222,7 @@ class InstructionReward(RewardComponent):
             try:
                 verdicts = follows(raw or prompt_text(prompt), ids, kwargs or [{} for _ in ids], text, loose=self.loose)
             except Exception as err:  # a checker choking on odd input must not stop training
-                self._count("checker_errors")
+                counts["checker_errors"] += 1
                 log.debug("IFEval checker failed on a completion: %s", err)
                 verdicts = [False] * len(ids)
             rewards.append(sum(verdicts) / len(verdicts))
@@ -225,7 +258,7 @@ class ReasoningReward(RewardComponent):
             raise ValueError(f"rewards.gamma must be a finite number, not {gamma!r}")
         self.scorer, self.gamma, self.length_target, self.aggregate = scorer, gamma, length_target, aggregate
 
-    def score(self, prompts, texts, columns):
+    def score(self, prompts, texts, columns, counts):
         from balancedbio.prm import build_input, margins
 
         capability = _column(columns, "capability", len(texts))
@@ -248,7 +281,7 @@ class ReasoningReward(RewardComponent):
             by_owner.setdefault(owner, []).append(float(value))
         for i, (steps, conclusion, letter) in plans.items():
             if not steps:
-                self._count("no_steps")
+                counts["no_steps"] += 1
                 rewards[i], success[i] = 0.0, False
                 continue
             values = by_owner[i]

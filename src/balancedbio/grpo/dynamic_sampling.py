@@ -8,6 +8,8 @@ import random
 
 import torch
 
+from balancedbio.rewards import SUCCESS_COLUMN
+
 
 class DynamicSamplingMixin:
     """``grpo.resample_constant_groups``: a mixin of ``BalancedGRPOTrainer`` (overrides ``_generate``)."""
@@ -42,14 +44,15 @@ class DynamicSamplingMixin:
         """(rows, K) rewards (NaN = not applicable) and each component's per-row success, scored locally."""
         keys = [key for key in inputs[0] if key not in ("prompt", "completion", "completion_ids")]
         columns = {key: [row[key] for row in inputs] for key in keys}
-        columns.update(trainer_state=self.state, log_extra=lambda *a, **k: None, log_metric=lambda *a, **k: None)
+        reported: dict[str, list] = {}  # the success flags each function reports through log_extra
+        columns.update(trainer_state=self.state, log_extra=lambda column, values: reported.update({column: values}),
+                       log_metric=lambda *a, **k: None)  # a checking call stays out of TRL's metrics
         values = torch.full((len(prompts), len(self.reward_funcs)), float("nan"))
         success = []
-        for k, func in enumerate(self.reward_funcs):
+        for k, (name, func) in enumerate(zip(self.weight_controller.names, self.reward_funcs)):
             scores = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
             values[:, k] = torch.tensor([float("nan") if r is None else float(r) for r in scores])
-            flags = list(getattr(func, "last_success", None) or [None] * len(prompts))
-            success.append(flags)
+            success.append(list(reported.get(SUCCESS_COLUMN.format(name=name)) or [None] * len(prompts)))
         return values, success
 
     def _constant(self, values: torch.Tensor) -> bool:
@@ -99,7 +102,6 @@ class DynamicSamplingMixin:
         prompt_ids, completion_ids, completions = list(prompt_ids), list(completion_ids), list(completions)
         logprobs = list(logprobs) if logprobs is not None else None
         size = self.num_generations
-        snapshot = [(f, dict(f.stats), f.last_success) for f in self.reward_funcs if hasattr(f, "stats")]
         discarded = self._discarded_success
 
         def discard(success: list, start: int) -> None:
@@ -110,50 +112,46 @@ class DynamicSamplingMixin:
         constant = [g for g in range(len(prompts) // size) if self._constant(values[g * size:(g + 1) * size])]
         constant_before = len(constant)
         drawn = 0
-        try:
-            for round_index in range(rounds):
-                need = self.accelerator.gather(torch.tensor([len(constant)], device=self.accelerator.device)).max()
-                need = int(need)
-                if need == 0:
-                    break
-                wanted = [inputs[g * size]["capability"] for g in constant] or [inputs[0]["capability"]]
-                capabilities = [wanted[i % len(wanted)] for i in range(need)]
-                exclude = {self._row_key(row) for row in inputs}
-                picks = self._draw_prompts(capabilities, exclude, round_index)
-                new_inputs = [dict(self.train_dataset[i]) for i in picks for _ in range(size)]
-                new_prompts = [row["prompt"] for row in new_inputs]
-                kept = {key: len(values_) for key, values_ in self._metrics["train"].items()}
-                generated = super()._generate(new_prompts)
-                new_prompt_ids, new_completion_ids, _, new_completions, new_logprobs, *_ = generated
-                for key, length in kept.items():  # TRL's completion metrics describe the step's first sampling
-                    del self._metrics["train"][key][length:]
-                drawn += need
-                new_values, new_success = self._score_rows(new_inputs, new_prompts, new_completions,
-                                                           new_completion_ids)
-                varied = [j for j in range(need) if not self._constant(new_values[j * size:(j + 1) * size])]
-                still, used = [], set()
-                for g in constant:
-                    j = next((j for j in varied if capabilities[j] == inputs[g * size]["capability"]), None)
-                    if j is None:
-                        still.append(g)
-                        continue
-                    varied.remove(j)
-                    used.add(j)
-                    discard(success, g * size)
-                    rows, source = slice(g * size, (g + 1) * size), slice(j * size, (j + 1) * size)
-                    inputs[rows], prompts[rows] = new_inputs[source], new_prompts[source]
-                    prompt_ids[rows], completion_ids[rows] = new_prompt_ids[source], new_completion_ids[source]
-                    completions[rows] = new_completions[source]
-                    if logprobs is not None:
-                        logprobs[rows] = new_logprobs[source]
-                    for flags, new_flags in zip(success, new_success):
-                        flags[rows] = new_flags[source]
-                for j in set(range(need)) - used:  # candidates not used: their completions still sampled the policy
-                    discard(new_success, j * size)
-                constant = still
-        finally:
-            for func, stats, last in snapshot:
-                func.stats, func.last_success = stats, last
+        for round_index in range(rounds):
+            need = self.accelerator.gather(torch.tensor([len(constant)], device=self.accelerator.device)).max()
+            need = int(need)
+            if need == 0:
+                break
+            wanted = [inputs[g * size]["capability"] for g in constant] or [inputs[0]["capability"]]
+            capabilities = [wanted[i % len(wanted)] for i in range(need)]
+            exclude = {self._row_key(row) for row in inputs}
+            picks = self._draw_prompts(capabilities, exclude, round_index)
+            new_inputs = [dict(self.train_dataset[i]) for i in picks for _ in range(size)]
+            new_prompts = [row["prompt"] for row in new_inputs]
+            kept = {key: len(values_) for key, values_ in self._metrics["train"].items()}
+            generated = super()._generate(new_prompts)
+            new_prompt_ids, new_completion_ids, _, new_completions, new_logprobs, *_ = generated
+            for key, length in kept.items():  # TRL's completion metrics describe the step's first sampling
+                del self._metrics["train"][key][length:]
+            drawn += need
+            new_values, new_success = self._score_rows(new_inputs, new_prompts, new_completions,
+                                                       new_completion_ids)
+            varied = [j for j in range(need) if not self._constant(new_values[j * size:(j + 1) * size])]
+            still, used = [], set()
+            for g in constant:
+                j = next((j for j in varied if capabilities[j] == inputs[g * size]["capability"]), None)
+                if j is None:
+                    still.append(g)
+                    continue
+                varied.remove(j)
+                used.add(j)
+                discard(success, g * size)
+                rows, source = slice(g * size, (g + 1) * size), slice(j * size, (j + 1) * size)
+                inputs[rows], prompts[rows] = new_inputs[source], new_prompts[source]
+                prompt_ids[rows], completion_ids[rows] = new_prompt_ids[source], new_completion_ids[source]
+                completions[rows] = new_completions[source]
+                if logprobs is not None:
+                    logprobs[rows] = new_logprobs[source]
+                for flags, new_flags in zip(success, new_success):
+                    flags[rows] = new_flags[source]
+            for j in set(range(need)) - used:  # candidates not used: their completions still sampled the policy
+                discard(new_success, j * size)
+            constant = still
         totals = self._global_sum([constant_before, drawn, len(constant)])
         self._step_record.update(constant_groups_sampled=totals[0], groups_resampled=totals[1],
                                  constant_groups_kept=totals[2])

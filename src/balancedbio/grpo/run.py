@@ -125,7 +125,7 @@ def train_grpo(paths, args, model_args, callbacks: Sequence = ()) -> dict:
     trainer, tokenizer = build_trainer(paths, args, model_args, callbacks=[CompletionMarker(fingerprint), *callbacks])
     keep_tensorboard_events(trainer, checkpoint_root)
     add_heldout_curves(trainer, paths.dynamics)  # learning curves, when a curve set lies beside the dynamics
-    controller, reward_funcs, dataset = trainer.weight_controller, trainer.reward_funcs, trainer.train_dataset
+    controller, dataset = trainer.weight_controller, trainer.train_dataset
     log.info("GRPO %s: %d prompts (%d medical), G=%d, %d prompts/step, %d steps, weights=%s, aoc=%s, "
              "advantages=%s", args.variant, len(dataset), sum(c == "medical" for c in dataset["capability"]),
              args.num_generations, args.prompts_per_step, args.max_steps, args.weights_mode, args.aoc_mode,
@@ -135,7 +135,6 @@ def train_grpo(paths, args, model_args, callbacks: Sequence = ()) -> dict:
                "train_runtime_s": result.metrics.get("train_runtime"), "resumed_from": last,
                "final_weights": dict(zip(controller.names, controller.weights)),
                "final_success": dict(zip(controller.names, controller.success)),
-               "reward_stats": {f.name: dict(getattr(f, "stats", {})) for f in reward_funcs},
                "settings": settings}
     if trainer.accelerator.is_main_process:
         save_merged(trainer, tokenizer, paths.out, {"balancedbio_training.json": summary})

@@ -7,7 +7,9 @@ the reference policy); this subclass adds:
   instruction prompts so every generation batch, and every device's slice of it, holds both.
 - **Composite reward** over accuracy, reasoning, instruction (``balancedbio.rewards``). A
   component that does not apply to a prompt returns ``None`` (NaN in TRL's reward matrix): an
-  instruction prompt has no R_acc and no R_reas, a multiple-choice prompt has no R_inst.
+  instruction prompt has no R_acc and no R_reas, a multiple-choice prompt has no R_inst. Each
+  reports its per-sample success flags through TRL's ``log_extra`` hook (the column
+  ``success/<name>``), which the weight controller reads; the functions keep no state.
 - **Advantages of eq. 11** (``grpo.advantage_aggregation: weighted_components``):
   A = sum_k w_k A_k with each A_k centred in its group and scaled by its own batch-level std
   (``weighted_component_advantages``), so a weight sets its capability's share of the update.
@@ -50,6 +52,7 @@ from balancedbio.grpo.dynamic_sampling import DynamicSamplingMixin
 from balancedbio.grpo.sampler import StratifiedRepeatSampler
 from balancedbio.grpo.signals import flush_signals
 from balancedbio.ppo import CriticAdvantage
+from balancedbio.rewards import success_name
 from balancedbio.weights import WeightController
 
 log = logging.getLogger(__name__)
@@ -144,23 +147,25 @@ class BalancedGRPOTrainer(DynamicSamplingMixin, OrthogonalityMixin, StratifiedGR
         # This step's signals, by short name (the mixins write here too); flushed into TRL's metrics.
         self._step_record: dict[str, Any] = {}
         self._signal_text: dict[str, str] = {}
+        self._batch_success: dict[str, list] = {}  # this batch's success flags per reward function
         self._check_dynamic_sampling()
 
     # -- dynamic weights and advantages --------------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         from accelerate.utils import gather_object
 
+        self._batch_success = {}  # filled through TRL's log_extra hook while TRL calls the reward functions
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._last_rewards_per_func = rewards_per_func  # gathered: every process's rows, in process order
         if not self.model.training:
             return rewards_per_func
         rates = []
-        for func in self.reward_funcs:
+        for name in self.weight_controller.names:  # == the reward functions' names (checked in __init__)
             # The success rate is the policy's over every completion sampled for this step, the ones
             # dynamic sampling discarded included: a rate over the kept groups alone would be pulled
             # towards 1/2 (all-pass and all-fail groups are what it discards).
-            discarded = getattr(self, "_discarded_success", {}).get(func.name, [])
-            success = gather_object(list(getattr(func, "last_success", None) or []) + list(discarded))
+            discarded = getattr(self, "_discarded_success", {}).get(name, [])
+            success = gather_object(self._batch_success.get(name, []) + list(discarded))
             applicable = [bool(s) for s in success if s is not None]
             rates.append(sum(applicable) / len(applicable) if applicable else None)
         weights = self.weight_controller.update(rates)
@@ -173,6 +178,15 @@ class BalancedGRPOTrainer(DynamicSamplingMixin, OrthogonalityMixin, StratifiedGR
             record[f"weight_{name}"] = w
             record[f"error_{name}"] = e
         return rewards_per_func
+
+    def _log_completion_extra(self, column: str, values: list) -> None:
+        # TRL hands this hook to every reward function as `log_extra`; a function reports its per-sample
+        # success flags as the column success/<name> (balancedbio.rewards.SUCCESS_COLUMN), which the
+        # completions table shows too. No reward function keeps them.
+        name = success_name(column)
+        if name is not None:
+            self._batch_success[name] = list(values)
+        super()._log_completion_extra(column, values)
 
     def _generate_and_score_completions(self, inputs):
         # _generate (dynamic sampling) replaces the rows of groups it resamples in this very list,
