@@ -32,7 +32,9 @@ rule evaluate:
         benchmarks_dir=config["benchmarks_dir"],
         seed=config["seed"],
         trust_remote_code=config["model"]["trust_remote_code"],
-        code=code_digest("evaluation.py", "eval_tasks", "answers.py", "models.py"),
+        code=code_digest(
+            "evaluation.py", "eval_tasks", "answers.py", "models.py", "devices.py", "rollout.py", "report/stats.py"
+        ),
     script:
         "../scripts/evaluate.py"
 
@@ -83,6 +85,16 @@ rule heldout_rewards:
         seed=config["seed"],
         benchmarks_dir=config["benchmarks_dir"],
         trust_remote_code=config["model"]["trust_remote_code"],
-        code=code_digest("heldout.py", "rewards.py", "answers.py", "ifeval.py", "data/instruct.py", "models.py"),
+        code=code_digest(
+            "heldout.py",
+            "rewards.py",
+            "answers.py",
+            "ifeval.py",
+            "data/instruct.py",
+            "models.py",
+            "devices.py",
+            "evaluation.py",
+            "report/stats.py",
+        ),
     script:
         "../scripts/heldout_rewards.py"
