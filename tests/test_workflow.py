@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import yaml
 
 from conftest import REPO, SHARED_BENCHMARKS, TEST_CONFIG, run_snakemake
 
@@ -46,8 +47,14 @@ def test_paper_config_launches_training_on_8_gpus_with_data_parallel(tmp_path):
         assert "--multi_gpu" in command and "--use_deepspeed" not in command
         assert "--mixed_precision bf16" in command
     grpo = next(c for c in commands if " grpo " in c)
-    assert '"use_vllm": true' in grpo and '"num_generations": 16' in grpo and '"beta": 0.04' in grpo
+    assert "--config results/grpo_full/recipe.yaml" in grpo
     assert "gpu=8" in plan
+    # The recipe that command trains with, written by its (local, input-free) rule for real.
+    run_snakemake("--cores", "1", "results/grpo_full/recipe.yaml", "--configfile", str(REPO / "config" / "paper.yaml"),
+                  workdir=tmp_path)
+    recipe = yaml.safe_load((tmp_path / "results" / "grpo_full" / "recipe.yaml").read_text())
+    assert recipe["use_vllm"] is True and recipe["num_generations"] == 16 and recipe["beta"] == 0.04
+    assert recipe["variant"] == "full" and recipe["bf16"] is True
 
 
 def test_zero3_with_aoc_is_refused_with_a_reason(tmp_path):
