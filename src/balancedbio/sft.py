@@ -156,9 +156,10 @@ def run_sft(*, model_dir: str, sft_path: str, out_dir: str, metrics_path: str, l
                "mixed_precision": "bf16" if autocast else "fp32",
                "lora": training["use_lora"], "resumed_from": last,
                "log_history": [h for h in trainer.state.log_history if "loss" in h or "eval_loss" in h]}
+    # Every rank: under ZeRO-3 the weights are gathered from all of them (only the main process writes).
+    save_merged(trainer, tokenizer, out_dir, {"balancedbio_training.json": {k: v for k, v in metrics.items()
+                                                                           if k != "log_history"}}, every_rank=True)
     if trainer.accelerator.is_main_process:
-        save_merged(trainer, tokenizer, out_dir, {"balancedbio_training.json": {k: v for k, v in metrics.items()
-                                                                               if k != "log_history"}})
         write_json(metrics_path, metrics)
         plot_loss(trainer.state.log_history, loss_plot)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)

@@ -136,8 +136,9 @@ def train_grpo(paths, args, model_args, callbacks: Sequence = ()) -> dict:
                "final_weights": dict(zip(controller.names, controller.weights)),
                "final_success": dict(zip(controller.names, controller.success)),
                "settings": settings}
+    # Every rank: under ZeRO-3 the weights are gathered from all of them (only the main process writes).
+    save_merged(trainer, tokenizer, paths.out, {"balancedbio_training.json": summary}, every_rank=True)
     if trainer.accelerator.is_main_process:
-        save_merged(trainer, tokenizer, paths.out, {"balancedbio_training.json": summary})
         from balancedbio.io import atomic_file
 
         with atomic_file(paths.dynamics) as handle:
