@@ -112,3 +112,14 @@ def test_a_yaml_recipe_parses_through_trl_parser(tmp_path):
     path.write_text(yaml.safe_dump({**recipe, "aoc_tau": 3.0}), encoding="utf-8")
     with pytest.raises(ValueError, match=r"aoc_tau \(aoc\.tau\)"):
         parser.parse_args_and_config(["--config", str(path)])
+
+
+def test_training_bf16_without_cuda_trains_on_the_cpu_instead_of_failing(monkeypatch, tmp_path):
+    """training.bf16 on a machine without CUDA: the GRPO config says use_cpu (as SFT does) instead of
+    transformers' raw "Your setup doesn't support bf16/gpu" late in the rule."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = BalancedGRPOConfig(output_dir=str(tmp_path), bf16=True, report_to=[])
+    assert args.bf16 and args.use_cpu
+    assert not BalancedGRPOConfig(output_dir=str(tmp_path), bf16=False, report_to=[]).use_cpu

@@ -162,6 +162,12 @@ class BalancedGRPOConfig(GRPOConfig):
             self.per_device_train_batch_size = self.prompts_per_step * self.num_generations
         if self.advantage_aggregation != "weighted_components":
             self.multi_objective_aggregation = self.advantage_aggregation  # TRL computes those two itself
+        if self.bf16 and not self.use_cpu:
+            import torch
+
+            # training.bf16 on a machine without CUDA: bf16 on the CPU, as SFT does, instead of
+            # transformers' "Your setup doesn't support bf16/gpu" late in the rule.
+            self.use_cpu = not torch.cuda.is_available()
         super().__post_init__()
 
     def section(self, name: str) -> dict:
