@@ -59,7 +59,7 @@ answers asks asked step steps think final letter option options correct therefor
 """.split())
 
 
-def _completion_parts(completion: object) -> tuple[list[str], str | None]:
+def completion_parts(completion: object) -> tuple[list[str], str | None]:
     """(candidate step lines, final answer line or None): lines from a bounded head, the answer
     from the last line."""
     if not isinstance(completion, str):
@@ -99,7 +99,7 @@ def split_steps(completion: object, max_steps: int = 32) -> list[str]:
     lines, else sentences; at most ``max_steps``, each at most MAX_STEP_CHARS characters,
     found in the first MAX_SCAN_CHARS characters. The final 'Answer: X' line is not a step
     (``reasoning_steps`` turns it into the conclusion step)."""
-    lines, _ = _completion_parts(completion)
+    lines, _ = completion_parts(completion)
     return list(itertools.islice(_steps_of(lines), max_steps))
 
 
@@ -136,7 +136,7 @@ def reasoning_steps(question: str, completion: object, options: dict[str, str] |
     from balancedbio.answers import extract_choice
     from balancedbio.data.reasoning import conclusion_text
 
-    lines, answer = _completion_parts(completion)
+    lines, answer = completion_parts(completion)
     options = options if isinstance(options, dict) and options else parse_options(question or "")
     topic = content_words(question_context(question or "")) | content_words(" ".join(map(str, options.values())))
     steps = list(itertools.islice((s for s in _steps_of(lines) if is_reasoning_step(s, topic)), max_steps))
@@ -388,7 +388,8 @@ def train_prm(*, steps_path: str, encoder: str, out_dir: str, metrics_path: str,
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainingArguments)
 
-    from balancedbio.checkpoints import CompletionMarker, last_complete_checkpoint, training_fingerprint
+    from balancedbio.checkpoints import (CompletionMarker, disk_full_named, last_complete_checkpoint,
+                                         training_fingerprint)
     from balancedbio.defaults import with_defaults
     from balancedbio.devices import job_device, single_process_gpu_count
     from balancedbio.models import bf16_autocast, resolve_model
@@ -451,7 +452,8 @@ def train_prm(*, steps_path: str, encoder: str, out_dir: str, metrics_path: str,
     last = last_complete_checkpoint(checkpoint_dir, fingerprint)
     if last:
         log.info("Resuming PRM training from %s", last)
-    trainer.train(resume_from_checkpoint=last)
+    with disk_full_named(checkpoint_dir):  # a save that fills the disk: one line, no partial checkpoint
+        trainer.train(resume_from_checkpoint=last)
     train_seconds = time.perf_counter() - start
 
     with atomic_dir(out_dir) as tmp:

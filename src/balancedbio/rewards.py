@@ -189,10 +189,16 @@ class NLIJudge:
             raise ModelResolutionError(f"NLI model '{model_id}' has no 'entailment' label ({labels}).")
         self.entailment_id = labels["entailment"]
         self._torch = torch
+        from balancedbio.devices import job_device
+
+        # The job's device (under accelerate, "cuda" is this rank's own GPU), not the CPU of a GPU job.
+        self.device = job_device()
+        self.model.to(self.device)
 
     def entailment(self, references: list[str], texts: list[str]) -> list[float]:
         with self._torch.inference_mode():
-            enc = self.tokenizer(texts, references, truncation=True, max_length=512, padding=True, return_tensors="pt")
+            enc = self.tokenizer(texts, references, truncation=True, max_length=512, padding=True,
+                                 return_tensors="pt").to(self.device)
             probs = self._torch.softmax(self.model(**enc).logits.float(), dim=-1)
         return probs[:, self.entailment_id].tolist()
 
@@ -334,11 +340,11 @@ def scored_steps(question: str, text: str, options: object) -> tuple[list[str], 
     the PRM scores for a completion. The steps are ``prm.reasoning_steps`` without near
     duplicates, at most MAX_SCORED_STEPS; the conclusion is the last of them when the
     completion ends in an answer line."""
-    from balancedbio.prm import _completion_parts, parse_options, reasoning_steps
+    from balancedbio.prm import completion_parts, parse_options, reasoning_steps
 
     options = options if isinstance(options, dict) and options else parse_options(question or "")
     steps = reasoning_steps(question, text, options)
-    answer_line = _completion_parts(text)[1] if steps else None
+    answer_line = completion_parts(text)[1] if steps else None
     conclusion = steps.pop() if answer_line is not None else None
     kept: list[str] = []
     signatures: list[frozenset[str]] = []

@@ -102,7 +102,8 @@ def train_grpo(paths, args, model_args, callbacks: Sequence = ()) -> dict:
     """Train one recipe (``parse_recipe``); resumes from the newest checkpoint in ``paths.checkpoints``."""
     from transformers import set_seed
 
-    from balancedbio.checkpoints import CompletionMarker, last_complete_checkpoint, training_fingerprint
+    from balancedbio.checkpoints import (CompletionMarker, disk_full_named, last_complete_checkpoint,
+                                         training_fingerprint)
     from balancedbio.grpo.curves import add_heldout_curves
 
     if not model_args.model_name_or_path:
@@ -130,7 +131,8 @@ def train_grpo(paths, args, model_args, callbacks: Sequence = ()) -> dict:
              "advantages=%s", args.variant, len(dataset), sum(c == "medical" for c in dataset["capability"]),
              args.num_generations, args.prompts_per_step, args.max_steps, args.weights_mode, args.aoc_mode,
              args.advantage_aggregation)
-    result = trainer.train(resume_from_checkpoint=last)
+    with disk_full_named(checkpoint_root):  # a save that fills the disk: one line, no partial checkpoint
+        result = trainer.train(resume_from_checkpoint=last)
     summary = {"variant": args.variant, "global_step": trainer.state.global_step,
                "train_runtime_s": result.metrics.get("train_runtime"), "resumed_from": last,
                "final_weights": dict(zip(controller.names, controller.weights)),
