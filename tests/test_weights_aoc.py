@@ -331,7 +331,7 @@ def test_one_definition_of_the_variant_names():
 
 
 def test_launch_prefix_single_and_multi_gpu():
-    assert launch_prefix(0, python="python") == "python"
+    assert launch_prefix(0, python="python") == "env CUDA_VISIBLE_DEVICES= python"  # gpu: 0 hides the GPUs
     assert launch_prefix(1, deepspeed_config="ds.json", python="python") == "python -m balancedbio.gpu_slots 1 -- python"
     cmd = launch_prefix(8, deepspeed_config="envs/ds.json", bf16=True, python="python")
     assert cmd.startswith("python -m balancedbio.gpu_slots 8 -- python -m accelerate.commands.launch")

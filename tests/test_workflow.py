@@ -259,7 +259,9 @@ def test_dry_run_with_conda_deployment_resolves_every_rule_env(tmp_path):
     plan = result.stdout + result.stderr
     # Training commands use the activated env's python, not the interpreter running Snakemake.
     commands = [line.split("Shell command:")[-1].strip() for line in plan.splitlines() if "-m balancedbio.train" in line]
-    assert commands and all(c.startswith("python -m balancedbio.train") for c in commands), commands
+    # (CPU jobs, gpu: 0, hide the GPUs: "env CUDA_VISIBLE_DEVICES= python ...").
+    assert commands and all(c.startswith("env CUDA_VISIBLE_DEVICES= python -m balancedbio.train") for c in commands), \
+        commands
     envs = {line.split("Conda environment ")[1].split(" will be created")[0]
             for line in plan.splitlines() if "will be created" in line}
     assert [os.path.normpath(e) for e in envs] == [str(REPO / "workflow" / "envs" / "balancedbio.yaml")]

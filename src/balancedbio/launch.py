@@ -16,7 +16,8 @@ def launch_prefix(gpus: int, *, deepspeed_config: str | None = None, bf16: bool 
     """
     python = python or sys.executable
     # GPU jobs first claim their own devices (CUDA_VISIBLE_DEVICES) among concurrently running jobs.
-    slots = [python, "-m", "balancedbio.gpu_slots", str(gpus), "--"] if gpus >= 1 else []
+    # A job that declares no GPU hides them all, so it stays on the CPU on a GPU box (balancedbio.devices).
+    slots = [python, "-m", "balancedbio.gpu_slots", str(gpus), "--"] if gpus >= 1 else ["env", "CUDA_VISIBLE_DEVICES="]
     if gpus <= 1:
         return shlex.join([*slots, python])
     # Port 0: accelerate picks a free rendezvous port when the job starts, so two multi-GPU jobs
