@@ -65,9 +65,12 @@ def test_grpo_full_logs_every_field_and_pid_weights_follow_the_success_rates(smo
         assert {f"train/weights/{name}", f"train/success/{name}", f"train/success/batch_{name}"} <= tags, tags
         assert [e.value for e in events.Scalars(f"train/weights/{name}")] == \
             pytest.approx([row[f"weight_{name}"] for row in rows])
-    # S_cos is a scalar on every step it is defined (the smoke's G=2 often leaves one capability without signal).
-    assert len(events.Scalars("train/aoc/s_cos") if "train/aoc/s_cos" in tags else []) == \
-        sum(row["s_cos"] is not None for row in rows)
+    # S_cos is a scalar on every step it is defined, and the smoke's instruction prompts (constraints a
+    # 16-token answer meets or misses by chance) make it defined on at least one step.
+    defined = [row["s_cos"] for row in rows if row["s_cos"] is not None]
+    assert defined, "S_cos undefined on every smoke step"
+    assert "train/aoc/s_cos" in tags, tags
+    assert [e.value for e in events.Scalars("train/aoc/s_cos")] == pytest.approx(defined, abs=1e-6)
     # The recipe the rule wrote and ran: the variant's settings, a record beside its results.
     recipe = yaml.safe_load((smoke_workdir / "results" / "grpo_full" / "recipe.yaml").read_text())
     assert recipe["variant"] == "full" and recipe["aoc_mode"] == "penalty"
