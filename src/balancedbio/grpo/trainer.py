@@ -24,7 +24,8 @@ the reference policy); this subclass adds:
   weights when LoRA is on), and then, by mode: ``penalty`` adds the gradient of L_orth
   (finite-difference Hessian-vector products, or a double backward), ``project`` combines
   them with PCGrad/GradVac, ``monitor`` only logs S_cos; ``off`` leaves TRL's step untouched.
-  These gradients and probes run in fp32 (autocast off). Under DDP/DeepSpeed they are averaged
+  The penalty's gradients and probes run in fp32 (autocast and TF32 off; ``monitor`` and ``project``
+  on CUDA at the training precision, as measured in bench/README.md). Under DDP/DeepSpeed they are averaged
   across ranks before S_cos, every branch is taken from the averaged values, and the update is
   one ``accelerator.backward`` (see ``orthogonality_step``).
 - The method's signals (w_k, S_k, S_cos, L_orth, the instruction share, dynamic sampling's
