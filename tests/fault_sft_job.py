@@ -53,6 +53,19 @@ class Slow(TrainerCallback):
         time.sleep(self.seconds)
 
 
+
+def build_grpo_inputs(workdir: Path) -> tuple[Path, Path]:
+    """``build_inputs`` plus one medical and one instruction prompt in the tiny vocabulary (mcq, prompts)."""
+    import json
+
+    build_inputs(workdir)
+    mcq, prompts = workdir / "mcq.jsonl", workdir / "prompts.jsonl"
+    mcq.write_text(json.dumps({"id": "m1", "question": "w1 w2", "options": {"A": "w3", "B": "w4"},
+                               "answer": "A"}) + "\n")
+    prompts.write_text(json.dumps({"key": 1, "prompt": "w5 w6", "instruction_id_list": ["punctuation:no_comma"],
+                                   "kwargs": [{}]}) + "\n")
+    return mcq, prompts
+
 def main() -> None:
     workdir, learning_rate, seconds = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
     save_steps = int(sys.argv[4]) if len(sys.argv) > 4 else 1

@@ -12,15 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _tiny_run_inputs(tmp_path):
-    from fault_sft_job import build_inputs
+    from fault_sft_job import build_grpo_inputs
 
-    build_inputs(tmp_path)
-    mcq, prompts = tmp_path / "mcq.jsonl", tmp_path / "prompts.jsonl"
-    mcq.write_text(json.dumps({"id": "m1", "question": "w1 w2", "options": {"A": "w3", "B": "w4"},
-                               "answer": "A"}) + "\n")
-    prompts.write_text(json.dumps({"key": 1, "prompt": "w5 w6", "instruction_id_list": ["punctuation:no_comma"],
-                                   "kwargs": [{}]}) + "\n")
-    return mcq, prompts
+    return build_grpo_inputs(tmp_path)
 
 
 def test_curve_callback_logs_heldout_rewards_at_every_kth_step_before_the_last(tmp_path):

@@ -212,19 +212,14 @@ def test_fingerprint_sees_changed_bytes_behind_an_unchanged_size_and_mtime(tmp_p
 def test_grpo_does_not_resume_a_checkpoint_of_other_settings_and_names_them(tmp_path, caplog):
     # Issue 17.1's case: a checkpoint of a run with another learning rate and AOC mode lies in
     # the folder; the rerun must start over (not "resuming full from checkpoint-2").
-    from fault_sft_job import build_inputs
+    from fault_sft_job import build_grpo_inputs
 
     from balancedbio.checkpoints import training_fingerprint
     from balancedbio.config import load_config
     from balancedbio.grpo import run_grpo
     from balancedbio.variants import variant_settings
 
-    build_inputs(tmp_path)
-    mcq, prompts = tmp_path / "mcq.jsonl", tmp_path / "prompts.jsonl"
-    mcq.write_text(json.dumps({"id": "m1", "question": "w1 w2", "options": {"A": "w3", "B": "w4"},
-                               "answer": "A"}) + "\n")
-    prompts.write_text(json.dumps({"key": 1, "prompt": "w5 w6", "instruction_id_list": ["punctuation:no_comma"],
-                                   "kwargs": [{}]}) + "\n")
+    mcq, prompts = build_grpo_inputs(tmp_path)
     config = load_config(Path(__file__).resolve().parents[1] / ".test" / "config" / "config.yaml")
     settings = variant_settings(config, "no_prm")
     settings["grpo"].update(max_steps=1, save_steps=1, max_completion_length=4, rollout_weights="policy",

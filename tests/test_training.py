@@ -143,7 +143,7 @@ def test_smoke_run_evaluates_each_model_on_each_benchmark(smoke_workdir):
 def test_a_resumed_run_keeps_the_dynamics_of_the_steps_before_its_checkpoint(tmp_path, caplog):
     """dynamics.jsonl comes from the trainer's log history, which checkpoints carry: a run that dies after
     checkpoint-1 and is started again writes steps 1 and 2, step 1 as the first attempt logged it."""
-    from fault_sft_job import build_inputs
+    from fault_sft_job import build_grpo_inputs
     from transformers import TrainerCallback
 
     from balancedbio.config import load_config
@@ -154,12 +154,7 @@ def test_a_resumed_run_keeps_the_dynamics_of_the_steps_before_its_checkpoint(tmp
             if state.global_step == 2:
                 raise KeyboardInterrupt("killed after checkpoint-1")
 
-    build_inputs(tmp_path)
-    mcq, prompts = tmp_path / "mcq.jsonl", tmp_path / "prompts.jsonl"
-    mcq.write_text(json.dumps({"id": "m1", "question": "w1 w2", "options": {"A": "w3", "B": "w4"},
-                               "answer": "A"}) + "\n")
-    prompts.write_text(json.dumps({"key": 1, "prompt": "w5 w6", "instruction_id_list": ["punctuation:no_comma"],
-                                   "kwargs": [{}]}) + "\n")
+    mcq, prompts = build_grpo_inputs(tmp_path)
     settings = variant_settings(load_config(TEST_CONFIG_PATH), "no_prm")
     settings["grpo"].update(max_steps=2, save_steps=1, max_completion_length=4, rollout_weights="policy")
     settings["aoc"]["mode"] = "monitor"
