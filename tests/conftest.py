@@ -117,3 +117,29 @@ def smoke_config() -> dict:
     from balancedbio.config import load_config
 
     return load_config(TEST_CONFIG, base_dir=REPO)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (each multi-process test's own rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_rank_workers(script: Path, out: Path, processes: int, timeout: int = 300) -> None:
+    """Run ``script --worker OUT`` in ``processes`` real processes (torch.distributed.run, gloo on the CPU)
+    or in one plain process; a hang (a collective some rank never joins) fails after ``timeout`` seconds."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                 "--master_addr", "127.0.0.1", "--master_port", str(free_port())] if processes > 1 else [sys.executable])
+    try:
+        done = subprocess.run([*launcher, str(script), "--worker", str(out)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"{processes}-process run of {script.name} did not finish in {timeout} s:\n"
+                             f"{err.stderr}") from None
+    assert done.returncode == 0, \
+        f"{processes}-process run of {script.name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"

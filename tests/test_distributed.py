@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -183,19 +182,11 @@ def _dynamic_sampling_step(out_dir: str) -> None:
 
 
 def _run(tmp_path: Path, processes: int) -> dict[str, list[dict]]:
-    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    from conftest import run_rank_workers
+
     out = tmp_path / f"processes_{processes}"
     out.mkdir()
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                 "--master_addr", "127.0.0.1", "--master_port", str(29500 + os.getpid() % 1000 + processes)]
-                if processes > 1 else [sys.executable])
-    try:
-        done = subprocess.run([*launcher, str(HERE), "--worker", str(out)], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired as err:  # a hang (a collective some rank never joins)
-        raise AssertionError(f"{processes}-process AOC steps did not finish in 300 s:\n{err.stderr}") from None
-    assert done.returncode == 0, f"{processes}-process AOC step failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    run_rank_workers(HERE, out, processes)
     return {scenario: [json.loads((out / f"{scenario}_{processes}_{rank}.json").read_text())
                        for rank in range(processes)] for scenario in (*SCENARIOS, "sampling")}
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -111,25 +109,12 @@ def worker(out_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run(tmp_path: Path, processes: int) -> dict[str, list[dict]]:
-    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    from conftest import run_rank_workers
+
     out = tmp_path / f"processes_{processes}"
     out.mkdir()
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                 "--master_addr", "127.0.0.1", "--master_port", str(free_port())] if processes > 1 else [sys.executable])
-    try:
-        done = subprocess.run([*launcher, str(HERE), "--worker", str(out)], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired as err:
-        raise AssertionError(f"{processes}-process AOC steps did not finish in 300 s:\n{err.stderr}") from None
-    assert done.returncode == 0, f"{processes}-process run failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    run_rank_workers(HERE, out, processes)
     return {name: [json.loads((out / f"{name}_{processes}_{rank}.json").read_text()) for rank in range(processes)]
             for name in CASES}
 
