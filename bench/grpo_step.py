@@ -51,6 +51,12 @@ CONFIGS = {
     "full_beta004": (False, {"grpo": {"beta": 0.04}}),
     "full_interval2": (False, {"aoc": {"interval": 2}}),
     "full_interval4": (False, {"aoc": {"interval": 4}}),
+    # bf16 autocast on the CPU (training.bf16): TRL's loss and monitor's passes in bf16, penalty's in fp32.
+    "full_bf16": (False, {"grpo": {"beta": 0.0}, "training": {"bf16": True}}),
+    "full_bf16_interval2": (False, {"grpo": {"beta": 0.0}, "training": {"bf16": True}, "aoc": {"interval": 2}}),
+    "full_bf16_hvp": (False, {"grpo": {"beta": 0.0}, "training": {"bf16": True},
+                              "aoc": {"penalty_gradient": "hessian_vector"}}),
+    "monitor_bf16": (False, {"grpo": {"beta": 0.0}, "training": {"bf16": True}, "aoc": {"mode": "monitor"}}),
 }
 DESCRIPTIONS = {
     "vanilla": "TRL `GRPOTrainer` (same stratified batches), same rewards, static weights",
@@ -63,6 +69,10 @@ DESCRIPTIONS = {
     "full_beta004": "`full` with `beta: 0.04` (KL term, reference forward every step)",
     "full_interval2": "`full` with `aoc.interval: 2`",
     "full_interval4": "`full` with `aoc.interval: 4`",
+    "full_bf16": "`full`, beta 0, `training.bf16` (CPU bf16 autocast; the penalty's passes stay fp32)",
+    "full_bf16_interval2": "`full_bf16` with `aoc.interval: 2`",
+    "full_bf16_hvp": "`full_bf16` with `aoc.penalty_gradient: hessian_vector` (every AOC pass in bf16 autocast, exact H v probes)",
+    "monitor_bf16": "the `no_aoc` variant (AOC `monitor`), beta 0, `training.bf16`",
 }
 
 

@@ -132,3 +132,29 @@ def test_bf16_weights_take_the_exact_hessian_vector_product(tmp_path, with_old_l
     inputs = batch(with_old_logps, reference)
     probe, exact, _ = probe_and_exact(trainer, inputs, reference=reference)
     assert _cos(probe, exact) >= 0.95, _cos(probe, exact)
+
+
+@pytest.mark.parametrize("with_old_logps", [False, True], ids=["trl_no_old_logps", "old_logps"])
+def test_hessian_vector_probes_under_bf16_autocast_match_fp32(tmp_path, with_old_logps):
+    """``aoc.penalty_gradient: hessian_vector``: the passes stay in the training's bf16 autocast (no fp32
+    pass at all) and each H v is a double backward there; the result agrees with the fp32 double backward
+    (a forward difference of autocast gradients would not: cosine 0.52-0.83, bench/README.md)."""
+    trainer = make_trainer(tmp_path / "hvp")
+    trainer.aoc["penalty_gradient"] = "hessian_vector"
+    reference = make_trainer(tmp_path / "fp32")
+    inputs = batch(with_old_logps, reference)
+    model = trainer.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    seen = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        g_r, g_i, _ = trainer.capability_gradients(model, inputs, params)
+        gram = gramian(g_r, g_i)
+        cosine = cosine_from_gramian(gram)
+        grads = trainer._penalty_gradient_fd(model, params, g_r, g_i, float(cosine.detach()), gram)
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}, set(seen)  # every pass, probes included, under autocast
+    probe = torch.cat([g.float().reshape(-1) for g in grads])
+    _, exact, _ = probe_and_exact(reference, inputs)
+    assert _cos(probe, exact) >= 0.99, _cos(probe, exact)
+    assert float(probe.norm() / exact.norm()) == pytest.approx(1.0, abs=0.1)

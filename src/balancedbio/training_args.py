@@ -7,7 +7,8 @@ default and a help text (``--help`` shows them); they mirror the workflow config
 - ``weights_<key>``, ``aoc_<key>``, ``ppo_<key>``, ``rewards_<key>``: every key of those
   config sections (``weights_kp`` is ``weights.kp``, ``aoc_mode`` is ``aoc.mode`` ...);
 - ``prompts_per_step``, ``max_prompts``, ``rollout_weights``, ``advantage_aggregation``,
-  ``advantage_std_floor``, ``resample_constant_groups``: the ``grpo`` keys TRL does not have.
+  ``advantage_std_floor``, ``resample_constant_groups``, ``precision``: the ``grpo`` keys TRL
+  does not have.
   ``prompts_per_step`` sets ``per_device_train_batch_size`` (= prompts_per_step * num_generations);
 - ``variant``, ``use_prm``, ``advantage_estimator``: what a variant changes besides those.
 
@@ -89,9 +90,10 @@ class BalancedGRPOConfig(GRPOConfig):
     aoc_lambda_scaling: Literal["gradient_norm", "constant"] = _setting(
         "aoc", "lambda_scaling", "gradient_norm", "gradient_norm = lambda * min(1, |g_R + g_I| / |grad S_cos^2|); "
         "constant = lambda.")
-    aoc_penalty_gradient: Literal["finite_difference", "exact"] = _setting(
+    aoc_penalty_gradient: Literal["finite_difference", "hessian_vector", "exact"] = _setting(
         "aoc", "penalty_gradient", "finite_difference", "How the gradient of L_orth is computed: forward "
-        "differences of the per-capability gradients, or a double backward (~10x memory).")
+        "differences of fp32 per-capability gradients, exact Hessian-vector products at the training's "
+        "precision, or a double backward of the whole penalty (~10x memory).")
     aoc_fd_step: float = _setting("aoc", "fd_step", 0.001, "Finite-difference step, relative to the weights' norm.")
     aoc_micro_batch_rows: int | None = _setting(
         "aoc", "micro_batch_rows", 8, "Completions per capability pass (null = all at once); bounds memory only.")
@@ -135,6 +137,9 @@ class BalancedGRPOConfig(GRPOConfig):
     resample_constant_groups: int = _setting(
         "grpo", "resample_constant_groups", 0, "Dynamic sampling (DAPO): rounds per step that replace groups with "
         "all-equal rewards by fresh prompts of the same capability; 0 = off.")
+    precision: Literal["auto", "bf16", "fp32"] = _setting(
+        "grpo", "precision", "fp32", "bf16 autocast for GRPO's passes on fp32 weights: auto = where this "
+        "device multiplies bf16 faster, bf16 = always, fp32 = never (training.bf16 implies bf16).")
 
     def __post_init__(self) -> None:
         import jsonschema
@@ -162,6 +167,11 @@ class BalancedGRPOConfig(GRPOConfig):
             self.per_device_train_batch_size = self.prompts_per_step * self.num_generations
         if self.advantage_aggregation != "weighted_components":
             self.multi_objective_aggregation = self.advantage_aggregation  # TRL computes those two itself
+        if not self.bf16 and self.precision != "fp32":
+            from balancedbio.models import bf16_autocast
+
+            # Resolved where the run runs (a SLURM node, not the head node that wrote the recipe).
+            self.bf16 = bf16_autocast(self.precision, "grpo.precision")
         if self.bf16 and not self.use_cpu:
             import torch
 

@@ -69,7 +69,7 @@ def variant_settings(config: dict, variant: str) -> dict:
 # Config sections that become prefixed fields of BalancedGRPOConfig, and the grpo keys TRL has no field for.
 PREFIXED_SECTIONS = ("weights", "aoc", "ppo", "rewards")
 GRPO_EXTRA_KEYS = ("prompts_per_step", "max_prompts", "rollout_weights", "advantage_aggregation",
-                   "advantage_std_floor", "resample_constant_groups")
+                   "advantage_std_floor", "resample_constant_groups", "precision")
 # grpo keys that are GRPOConfig fields of the same name and meaning.
 TRL_GRPO_KEYS = ("num_generations", "max_completion_length", "temperature", "beta", "epsilon", "loss_type",
                  "scale_rewards", "max_steps", "save_steps", "use_vllm")

@@ -79,7 +79,10 @@ class OrthogonalityMixin:
         return gradients[0], gradients[1], total
 
     def _probe_loss(self, model, part: dict, scale: float, rng: tuple) -> torch.Tensor:
-        with _restored_rng(rng), _quiet_loss(self), _fp32_forward(self, model), self.compute_loss_context_manager():
+        # A probe runs at the precision of the pass it differs from (see orthogonality_step's ``precise``).
+        precise = self.aoc["penalty_gradient"] == "finite_difference"
+        with (_restored_rng(rng), _quiet_loss(self), _fp32_forward(self, model) if precise else contextlib.nullcontext(),
+              self.compute_loss_context_manager()):
             return self._compute_loss(model, part) * scale
 
     def _gradient_at_shift(self, model, params, part_index: int, direction: list, step: float) -> list:
@@ -108,14 +111,15 @@ class OrthogonalityMixin:
         """grad of S_cos^2 = 2 S (H_R v_R + H_I v_I), each H v from a probe.
 
         fp32 weights: a forward difference of gradients (one gradient per probe). Weights in
-        bf16/fp16 (a DeepSpeed bf16 engine): a shift of ``fd_step`` leaves most weights unchanged
-        and the difference is noise, so H v is taken exactly by a double backward instead
+        bf16/fp16 (a DeepSpeed bf16 engine), or ``aoc.penalty_gradient: hessian_vector`` (passes under
+        bf16 autocast): a shift of ``fd_step`` is rounded away and the difference is noise, so H v
+        is taken exactly by a double backward instead
         (agreement measured in bench/README.md, "AOC probes"). ``grads_r``/``grads_i`` are the
         global (rank-averaged) gradients, so directions and steps are the same on every rank, and
         the probes' results are averaged in one collective.
         """
         v_r, v_i = cosine_gradient_directions(grads_r, grads_i, cosine, gram)
-        exact = not full_precision(params)
+        exact = not full_precision(params) or self.aoc["penalty_gradient"] == "hessian_vector"
         probes = []  # (step or None for an exact H v, base gradient, probe's result)
         for index, (direction, base) in enumerate(((v_r, grads_r), (v_i, grads_i))):
             if exact:
@@ -193,9 +197,10 @@ class OrthogonalityMixin:
         params = [p for p in module.parameters() if p.requires_grad]
         window = getattr(self, "_aoc_window", None) or AOCWindow()
         self._aoc_window = window
-        # penalty: fp32 passes, the probes difference them; monitor/project on CUDA: the training's own
-        # precision (bf16 autocast moved S_cos by <= 3e-4, a forward difference to cosine 0.52: bench/README.md).
-        precise = self.aoc["mode"] == "penalty" or params[0].device.type != "cuda"
+        # Forward-difference probes difference fp32 passes; every other pass runs at the training's own
+        # precision (bf16 autocast moved S_cos by <= 3e-4, a forward difference to cosine 0.52, an exact
+        # H v under autocast 0.9999: bench/README.md, "AOC probes").
+        precise = self.aoc["mode"] == "penalty" and self.aoc["penalty_gradient"] == "finite_difference"
         with _fp32_forward(self, module) if precise else contextlib.nullcontext():
             grads_r, grads_i, capability_loss = self.capability_gradients(module, inputs, params, differentiable,
                                                                            quiet=distributed)

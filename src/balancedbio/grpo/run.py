@@ -131,6 +131,9 @@ def train_grpo(paths, args, model_args, callbacks: Sequence = ()) -> dict:
              "advantages=%s", args.variant, len(dataset), sum(c == "medical" for c in dataset["capability"]),
              args.num_generations, args.prompts_per_step, args.max_steps, args.weights_mode, args.aoc_mode,
              args.advantage_aggregation)
+    log.info("GRPO precision: %s weights, %s (grpo.precision %s); AOC penalty gradient: %s",
+             next(trainer.model.parameters()).dtype, "bf16 autocast" if args.bf16 else "no autocast", args.precision,
+             args.aoc_penalty_gradient)
     with disk_full_named(checkpoint_root):  # a save that fills the disk: one line, no partial checkpoint
         result = trainer.train(resume_from_checkpoint=last)
     summary = {"variant": args.variant, "global_step": trainer.state.global_step,
