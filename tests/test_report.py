@@ -353,7 +353,7 @@ def test_report_builds_tables_figures_and_honest_wording(run_dir, tmp_path):
     diffs = _csv(out / "tables" / "paired_differences.csv")
     kg = next(r for r in diffs if r["comparison"] == "grpo_full - base" and r["capability"] == "kg_mcq")
     assert kg["significant"] == "True" and float(kg["mde"]) > 0
-    assert len(diffs) == 5 * 6  # five comparisons x six capabilities
+    assert len(diffs) == 5 * 7  # five comparisons x seven capabilities (held-out R_reas without rows here: blank)
     aoc = {r["variant"]: r for r in _csv(out / "tables" / "aoc.csv")}
     assert (aoc["full"]["s_cos_defined"], aoc["full"]["fired"]) == ("4", "2")
     for name in ("weights", "rewards", "aoc", "kl_length", "pareto", "differences"):
@@ -490,7 +490,7 @@ def test_html_leads_with_a_three_line_verdict_and_the_differences_figure(run_dir
     first_image = html.index("<img")
     assert html.index('<ul class="verdict">') < first_image < html.index("<details>") < html.index("<table")
     assert html[first_image:first_image + 60].startswith('<img class="figure" alt="differences"')
-    assert "All findings in full (14)" in html
+    assert "All findings in full (15)" in html  # held-out R_reas: "not computable" (no PRM rows in the fixture)
     # Significance at a glance: kg_mcq +75 is better, the held-out instruction reward -0.100 of
     # grpo_full against sft is worse, an interval containing 0 is greyed.
     assert '<td class="sig-better">▲ +75.0 [+' in html

@@ -7,7 +7,9 @@ each model answers
   from everything that is trained on), scored by the accuracy reward ``R_acc``;
 - instruction prompts from the same generator as the GRPO prompts, but drawn with another seed
   on the test split's diseases, with every prompt that is in the GRPO training file (or in
-  IFEval's test set) removed; scored by the instruction reward ``R_inst``.
+  IFEval's test set) removed; scored by the instruction reward ``R_inst``;
+- where the run has a process reward model, the answers to the kg test questions scored again
+  by the reasoning reward ``R_reas`` (the trained PRM on the distinct reasoning steps).
 
 Both reward components are the training ones (``balancedbio.rewards``), and the prompts are
 formatted as GRPO formats them, so the numbers are the training objective measured out of
@@ -29,7 +31,10 @@ from balancedbio.report.stats import detection_factor, minimum_detectable_effect
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("accuracy", "instruction")
+COMPONENTS = ("accuracy", "reasoning", "instruction")
+# R_acc is 0/1 (Wilson intervals), R_inst a fraction of instructions in [0, 1]; R_reas is a sigmoid
+# plus the length term gamma * min(len, L_target), so its upper bound is 1 + gamma * L_target.
+BOUNDED = {"accuracy": (0.0, 1.0), "instruction": (0.0, 1.0), "reasoning": (0.0, math.inf)}
 
 
 # ----- power of paired comparisons ------------------------------------------------------------
@@ -51,8 +56,8 @@ def discordant_rate(first: dict[str, bool], second: dict[str, bool]) -> tuple[fl
 
 # ----- intervals ------------------------------------------------------------------------------
 
-def mean_interval(values: list[float], *, binary: bool) -> dict:
-    """Mean with a 95% interval: Wilson for 0/1 rewards, Student t for fractional ones (clipped to [0, 1])."""
+def mean_interval(values: list[float], *, binary: bool, bounds: tuple[float, float] = (0.0, 1.0)) -> dict:
+    """Mean with a 95% interval: Wilson for 0/1 rewards, Student t for the others (clipped to ``bounds``)."""
     from balancedbio.evaluation import wilson_interval
 
     n = len(values)
@@ -68,13 +73,16 @@ def mean_interval(values: list[float], *, binary: bool) -> dict:
 
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
-    return {"mean": mean, "n": n, "ci_low": max(0.0, mean - half), "ci_high": min(1.0, mean + half), "interval": "t"}
+    return {"mean": mean, "n": n, "ci_low": max(bounds[0], mean - half), "ci_high": min(bounds[1], mean + half),
+            "interval": "t"}
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Per component: mean, n and interval of the item rewards (the accuracy reward is 0/1)."""
-    return {c: mean_interval([r["reward"] for r in rows if r["component"] == c], binary=c == "accuracy")
-            for c in COMPONENTS}
+    """Per component scored here: mean, n and interval of the item rewards (the accuracy reward is 0/1)."""
+    scored = {r["component"] for r in rows}
+    return {c: mean_interval([r["reward"] for r in rows if r["component"] == c], binary=c == "accuracy",
+                             bounds=BOUNDED[c])
+            for c in COMPONENTS if c in scored}
 
 
 # ----- held-out prompts -----------------------------------------------------------------------
@@ -91,7 +99,7 @@ def heldout_questions(mcq_test_path: str, limit: int | None, seed: int) -> list[
             raise ValueError(f"{mcq_test_path}:{line}: a held-out question needs {sorted(missing)}")
     keep = subset_indices(len(rows), limit, seed)
     rows = rows if keep is None else [rows[i] for i in keep]
-    return [{"id": f"kg:{row['id']}", "component": "accuracy",
+    return [{"id": f"kg:{row['id']}", "component": "accuracy", "question": row["question"],
              "prompt": format_mcq_prompt(row["question"], row["options"]),
              "answer": row["answer"], "options": row["options"]} for row in rows]
 
@@ -172,21 +180,31 @@ def greedy_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
 
 # ----- scoring and the table ------------------------------------------------------------------
 
-def score_items(items: list[dict], answers: list[str], instruction_mode: str = "strict") -> list[dict]:
-    """Item rows {id, component, reward} from the training reward functions."""
+def score_items(items: list[dict], answers: list[str], instruction_mode: str = "strict",
+                reasoning=None) -> list[dict]:
+    """Item rows {id, component, reward, response} from the training reward functions: R_acc on the kg
+    questions, R_inst on the instruction prompts and, given the run's ``ReasoningReward``, R_reas on the
+    kg questions' answers too (rows of component ``reasoning``, the same ids)."""
     from balancedbio.rewards import AccuracyReward, InstructionReward
 
+    scorers = [("accuracy", "accuracy", AccuracyReward()),
+               ("instruction", "instruction", InstructionReward(loose=instruction_mode == "loose"))]
+    if reasoning is not None:
+        scorers.insert(1, ("reasoning", "accuracy", reasoning))
     rows = []
-    for component, reward in (("accuracy", AccuracyReward()),
-                              ("instruction", InstructionReward(loose=instruction_mode == "loose"))):
-        picked = [(item, answer) for item, answer in zip(items, answers) if item["component"] == component]
+    for component, kind, reward in scorers:
+        picked = [(item, answer) for item, answer in zip(items, answers) if item["component"] == kind]
         if not picked:
             continue
         chosen, texts = [p[0] for p in picked], [p[1] for p in picked]
-        columns = ({"answer": [i["answer"] for i in chosen], "options": [i["options"] for i in chosen]}
-                   if component == "accuracy" else
-                   {"instruction_id_list": [i["instruction_id_list"] for i in chosen],
-                    "kwargs": [i["kwargs"] for i in chosen], "prompt_text": [i["prompt"] for i in chosen]})
+        if kind == "accuracy":
+            columns = {"answer": [i["answer"] for i in chosen], "options": [i["options"] for i in chosen],
+                       "capability": ["medical"] * len(chosen),
+                       # Curve sets written before R_reas was held out have no question: the prompt then.
+                       "question": [i.get("question") for i in chosen]}
+        else:
+            columns = {"instruction_id_list": [i["instruction_id_list"] for i in chosen],
+                       "kwargs": [i["kwargs"] for i in chosen], "prompt_text": [i["prompt"] for i in chosen]}
         values = reward([[{"role": "user", "content": i["prompt"]}] for i in chosen], texts, **columns)
         for item, text, value in zip(chosen, texts, values):
             if value is None:
@@ -204,9 +222,10 @@ def write_heldout_table(model_name: str, rows: list[dict], settings: dict, out_j
 
 def heldout_rewards(*, model_dir: str, model_name: str, mcq_test: str, graph: str, train_prompts: str,
                     settings: dict, instruct_config: dict, rewards_config: dict, seed: int,
-                    benchmarks_dir: str | None, out_json: str, out_items: str,
+                    benchmarks_dir: str | None, out_json: str, out_items: str, prm_dir: str | None = None,
                     trust_remote_code: bool = False, device: str | None = None) -> dict:
-    """Rule heldout_rewards: generate (on the job's device), score with R_acc / R_inst, write the table and rows."""
+    """Rule heldout_rewards: generate (on the job's device), score with R_acc / R_inst (and R_reas with the
+    run's PRM at ``prm_dir``), write the table and rows."""
     started = time.perf_counter()
     items = heldout_questions(mcq_test, settings["questions"], seed)
     items += heldout_instruction_prompts(graph, mcq_test, train_prompts, instruct_config=instruct_config,
@@ -220,7 +239,10 @@ def heldout_rewards(*, model_dir: str, model_name: str, mcq_test: str, graph: st
     answers = generate_answers(model_dir, [i["prompt"] for i in items], max_new_tokens=settings["max_new_tokens"],
                                batch_size=settings["batch_size"], dtype=dtype, trust_remote_code=trust_remote_code,
                                device=device)
-    rows = score_items(items, answers, rewards_config["instruction_mode"])
+    from balancedbio.rewards import reasoning_reward
+
+    reasoning = reasoning_reward(rewards_config, prm_dir) if prm_dir else None
+    rows = score_items(items, answers, rewards_config["instruction_mode"], reasoning)
     seconds = time.perf_counter() - started
     result = write_heldout_table(model_name, rows, {**settings, "dtype_used": dtype, "device": device, "seed": seed,
                                                     "instruction_mode": rewards_config["instruction_mode"],

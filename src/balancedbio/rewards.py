@@ -377,10 +377,14 @@ def build_reward_functions(reward_config: dict, prm_dir: str | None) -> list[Rew
     components: list[RewardComponent] = [AccuracyReward(reward_config.get("nli_model"),
                                                                   nli_revision=reward_config.get("nli_revision"))]
     if prm_dir:
-        from balancedbio.prm import PRMScorer
-
-        components.append(ReasoningReward(PRMScorer(prm_dir), gamma=reward_config["gamma"],
-                                          length_target=reward_config["length_target"],
-                                          aggregate=reward_config["prm_aggregate"]))
+        components.append(reasoning_reward(reward_config, prm_dir))
     components.append(InstructionReward(loose=reward_config["instruction_mode"] == "loose"))
     return components
+
+
+def reasoning_reward(reward_config: dict, prm_dir: str) -> ReasoningReward:
+    """R_reas with the trained PRM at ``prm_dir`` and the config's rewards.gamma / length_target / prm_aggregate."""
+    from balancedbio.prm import PRMScorer
+
+    return ReasoningReward(PRMScorer(prm_dir), gamma=reward_config["gamma"],
+                           length_target=reward_config["length_target"], aggregate=reward_config["prm_aggregate"])

@@ -66,6 +66,8 @@ rule heldout_rewards:
         graph=rules.build_kg.output[0],
         # The GRPO training prompts: none of them is drawn as a held-out prompt.
         train_prompts=rules.decontaminate.output.prompts,
+        # R_reas of the answers to the kg questions: the run's trained PRM, as GRPO scored it.
+        prm=rules.train_prm.output.model,
     output:
         result="results/eval/{model}/heldout_rewards.json",
         item_rewards="results/eval/{model}/heldout_rewards.items.jsonl",
@@ -88,6 +90,7 @@ rule heldout_rewards:
         code=code_digest(
             "heldout.py",
             "rewards.py",
+            "prm.py",
             "answers.py",
             "ifeval.py",
             "data/instruct.py",

@@ -1,4 +1,4 @@
-"""Rule heldout_rewards: one model's mean R_acc / R_inst on held-out kg questions and instruction prompts."""
+"""Rule heldout_rewards: one model's mean R_acc / R_reas / R_inst on held-out kg questions and instruction prompts."""
 
 from balancedbio.devices import enter_job
 from balancedbio.heldout import heldout_rewards
@@ -13,5 +13,5 @@ heldout_rewards(model_dir=snakemake.input.model, model_name=snakemake.wildcards.
                 train_prompts=snakemake.input.train_prompts, settings=snakemake.params.settings,
                 instruct_config=snakemake.params.instruct, rewards_config=snakemake.params.rewards,
                 seed=snakemake.params.seed, benchmarks_dir=snakemake.params.benchmarks_dir,
-                out_json=snakemake.output.result, out_items=snakemake.output.item_rewards,
+                out_json=snakemake.output.result, out_items=snakemake.output.item_rewards, prm_dir=snakemake.input.prm,
                 trust_remote_code=snakemake.params.trust_remote_code, device=device)

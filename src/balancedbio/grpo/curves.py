@@ -1,8 +1,9 @@
 """Learning curves: the held-out rewards of the policy every k GRPO steps, as TRL metrics.
 
 A *curve set* (``write_curve_set``, rule ``heldout_curve_set``) fixes the items once per run: the very
-held-out items of ``balancedbio.heldout`` (kg test questions scored by ``R_acc``, fresh instruction
-prompts scored by ``R_inst``, GRPO-formatted, none of them a GRPO training prompt), the interval
+held-out items of ``balancedbio.heldout`` (kg test questions scored by ``R_acc`` and, with the run's PRM,
+``R_reas``; fresh instruction prompts scored by ``R_inst``; GRPO-formatted, none of them a GRPO training
+prompt), the interval
 ``grpo.heldout_eval_steps`` and the generation settings of ``eval.heldout_rewards``. It lies beside the
 variant's ``dynamics.jsonl`` (``curve_set_path``), where the run finds it.
 
@@ -118,6 +119,12 @@ class HeldoutCurves(TrainerCallback):
         # generation) is that point, and the report's figure ends each curve with it.
         return 0 < step < max_steps and step % self.every_steps == 0
 
+    def reasoning_reward(self):
+        """The run's own R_reas (its PRM), which the held-out answers are scored by too; None without a PRM."""
+        from balancedbio.rewards import ReasoningReward
+
+        return next((f for f in self.trainer.reward_funcs if isinstance(f, ReasoningReward)), None)
+
     def evaluate(self, model, tokenizer) -> dict[str, float]:
         """Answer the set with the current policy (a merged copy, so the policy's mode and weights stay as they are)."""
         from balancedbio.rollout import RolloutCopy
@@ -132,7 +139,8 @@ class HeldoutCurves(TrainerCallback):
         answers = greedy_answers(self._copy.model, tokenizer, [item["prompt"] for item in items],
                                  max_new_tokens=self.curve_set["max_new_tokens"],
                                  batch_size=self.curve_set["batch_size"])
-        record = curve_metrics(score_items(items, answers, self.curve_set.get("instruction_mode", "strict")))
+        record = curve_metrics(score_items(items, answers, self.curve_set.get("instruction_mode", "strict"),
+                                           self.reasoning_reward()))
         record["heldout_seconds"] = time.perf_counter() - started
         return record
 

@@ -10,7 +10,7 @@ from balancedbio.report.tables import _diff_cell, _fmt, _scaled
 
 # What the method must show (grpo_full against base): a significant gain on a medical capability
 # and no significant loss on instruction following.
-MEDICAL_GAINS = ("biomed", "kg_mcq", "heldout_accuracy")
+MEDICAL_GAINS = ("biomed", "kg_mcq", "heldout_accuracy", "heldout_reasoning")
 INSTRUCTION_LOSSES = ("ifeval", "ifbench")
 HEADLINE = ("biomed", "ifeval", "ifbench")  # the verdict's second line
 SHORT_LABEL = {"biomed": "BIOMED", "ifeval": "IFEval strict", "ifbench": "IFBench strict"}

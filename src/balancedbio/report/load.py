@@ -19,7 +19,6 @@ MEDICAL = ("mmlu_med", "medqa", "cmexam")  # "BIOMED overall": the public medica
 IF_BENCHMARKS = ("ifeval", "ifbench")  # scored alike: prompt/instruction x strict/loose
 IF_METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc")
 GENERAL_METRIC = "prompt_level_strict_acc"  # IFEval strict, the paper's P(gen)
-HELDOUT_COMPONENTS = ("accuracy", "instruction")
 TIDY_COLUMNS = ["model", "benchmark", "metric", "value", "n", "ci_low", "ci_high"]
 
 
@@ -206,6 +205,7 @@ COMPARED_CAPABILITIES = (
     ComparedCapability("ifeval", "IFEval prompt strict", _instruction_items("ifeval")),
     ComparedCapability("ifbench", "IFBench prompt strict", _instruction_items("ifbench")),
     ComparedCapability("heldout_accuracy", "held-out accuracy reward", _heldout_items("accuracy"), accuracy=False),
+    ComparedCapability("heldout_reasoning", "held-out reasoning reward", _heldout_items("reasoning"), accuracy=False),
     ComparedCapability("heldout_instruction", "held-out instruction reward", _heldout_items("instruction"), accuracy=False),
 )
 COMPARED_CAPABILITY = {c.key: c for c in COMPARED_CAPABILITIES}

@@ -122,7 +122,8 @@ def build_report(*, out_dir: str, evaluations: Iterable[str], eval_items: Iterab
     accuracy = {c.key: c.accuracy for c in COMPARED_CAPABILITIES}
     pct_columns = {"biomed", "kg_mcq", "ifeval", "ifbench"}
     ablation_names = {"biomed": "BIOMED", "ifeval": "IFEval strict", "ifbench": "IFBench strict",
-                      "heldout_accuracy": "held-out R_acc", "heldout_instruction": "held-out R_inst"}
+                      "heldout_accuracy": "held-out R_acc", "heldout_reasoning": "held-out R_reas",
+                      "heldout_instruction": "held-out R_inst"}
     difference_rows = [{"comparison": r["comparison"], "capability": r["label"],
                         "difference [95% CI]": _diff_cell(r["diff"], accuracy[r["capability"]]),
                         "n": r["diff"]["n"] if r["diff"] else "–",
