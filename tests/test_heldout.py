@@ -51,6 +51,46 @@ def test_rewards_of_fixed_answers_and_the_table(tmp_path):
                                                                        for r in rows]
 
 
+class KeywordScorer:
+    """A stand-in PRM: a step naming CFTR is valid, any other fallacious; it records what it was asked."""
+
+    def __init__(self):
+        self.contexts = []
+
+    def predict_proba(self, pairs):
+        self.contexts += [context for context, _ in pairs]
+        return np.array([[0.9, 0.05, 0.05] if "CFTR" in step else [0.05, 0.05, 0.9] for _, step in pairs])
+
+
+def test_reasoning_rows_are_the_training_reward_on_the_same_answers():
+    from balancedbio.rewards import ReasoningReward
+
+    questions = [{**q, "question": f"Which gene causes disease {i}?"} for i, q in enumerate(QUESTIONS)]
+    answers = ["Step 1: CFTR is the gene of this disease.\nStep 2: CFTR mutations cause it.\nAnswer: B",
+               "Step 1: FBN1 is the gene of this disease.\nAnswer: C",
+               "Answer: A"]                                                  # no reasoning step: 0
+    scorer = KeywordScorer()
+    reward = ReasoningReward(scorer, gamma=0.001, length_target=200)
+    rows = score_items(questions + INSTRUCTIONS, answers + ["x"] * 3, "strict", reward)
+    reasoning = {r["id"]: r["reward"] for r in rows if r["component"] == "reasoning"}
+    assert set(reasoning) == {"kg:q1", "kg:q2", "kg:q3"}                    # kg questions only, their ids
+    expected = ReasoningReward(KeywordScorer(), gamma=0.001, length_target=200)(
+        prompts=[[{"role": "user", "content": q["prompt"]}] for q in questions], completions=answers,
+        capability=["medical"] * 3, question=[q["question"] for q in questions],
+        options=[q["options"] for q in questions], answer=[q["answer"] for q in questions])
+    assert [reasoning[q["id"]] for q in questions] == expected              # exactly what GRPO was rewarded
+    assert reasoning["kg:q1"] > 0.5 > reasoning["kg:q2"] and reasoning["kg:q3"] == 0.0
+    # The PRM saw the question itself (as in training), not the formatted prompt with its options.
+    assert scorer.contexts and all("Which gene causes disease" in c and "A. FBN1" not in c for c in scorer.contexts)
+    assert len([r for r in rows if r["component"] == "accuracy"]) == 3    # R_acc rows unchanged beside them
+
+
+def test_reasoning_intervals_are_not_clipped_at_one():
+    values = [1.15, 1.18, 1.2, 1.1]  # sigmoid + gamma * length: above 1 is a valid R_reas
+    summary = mean_interval(values, binary=False, bounds=(0.0, math.inf))
+    assert summary["ci_high"] > 1.15 and summary["ci_low"] < summary["mean"]
+
+
 def test_a_row_the_reward_does_not_apply_to_is_an_error():
     broken = [{**QUESTIONS[0], "answer": None}]
     with pytest.raises(ValueError, match="kg:q1: the accuracy reward does not apply"):
@@ -114,13 +154,15 @@ def test_the_rule_writes_held_out_rewards_on_prompts_grpo_never_saw(smoke_workdi
     results = smoke_workdir / "results"
     result = json.loads((results / "eval" / "base" / "heldout_rewards.json").read_text())
     items = list(read_jsonl(results / "eval" / "base" / "heldout_rewards.items.jsonl"))
-    assert result["status"] == "ok" and set(result["components"]) == {"accuracy", "instruction"}
-    for component in ("accuracy", "instruction"):
+    # R_reas too: the rule scores the kg answers with the run's trained PRM.
+    assert result["status"] == "ok" and set(result["components"]) == {"accuracy", "reasoning", "instruction"}
+    for component in ("accuracy", "reasoning", "instruction"):
         rewards = [i["reward"] for i in items if i["component"] == component]
         assert result["components"][component]["n"] == len(rewards) > 0
         assert result["components"][component]["mean"] == pytest.approx(sum(rewards) / len(rewards))
     test_ids = {f"kg:{r['id']}" for r in read_jsonl(results / "data" / "kg" / "mcq_test.jsonl")}
     assert {i["id"] for i in items if i["component"] == "accuracy"} == test_ids
+    assert {i["id"] for i in items if i["component"] == "reasoning"} == test_ids
     # The same prompts again (deterministic), none of them among the GRPO training prompts.
     prompts = heldout_instruction_prompts(
         str(results / "data" / "kg" / "graph.json.gz"), str(results / "data" / "kg" / "mcq_test.jsonl"),

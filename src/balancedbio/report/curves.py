@@ -61,6 +61,7 @@ def make_curve_figures(data, fig_dir: Path) -> dict[str, str]:
                              layout="constrained")
     counts = set()
     for ax, component in zip(axes[0], COMPONENTS):
+        top = 1.0  # R_reas may exceed 1 (its length term): the axis grows to fit it
         # Step 0 is the SFT model every variant starts from; the last step the trained variant's own table.
         start = table_point(data.heldout, "sft", component, 0)
         for variant, points in sorted(curves.items()):
@@ -74,9 +75,11 @@ def make_curve_figures(data, fig_dir: Path) -> dict[str, str]:
             ax.fill_between(steps, [p["low"] for p in points], [p["high"] for p in points], alpha=0.15,
                             color=line.get_color(), linewidth=0)
             counts.update(p["n"] for p in points)
+            top = max([top, *(p[key] for p in points for key in ("mean", "high")
+                               if isinstance(p[key], (int, float)) and math.isfinite(p[key]))])
         ax.set_title(f"held-out {component} reward", fontsize=10)
         ax.set_xlabel("GRPO step (0 = the SFT model)")
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, top if top == 1.0 else top * 1.05)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("mean reward (95% interval)")
     handles, labels = axes[0][0].get_legend_handles_labels()
@@ -85,6 +88,6 @@ def make_curve_figures(data, fig_dir: Path) -> dict[str, str]:
     save_figure(fig, fig_dir / f"{CURVES_FIGURE}.png", dpi=110)
     n_text = ", ".join(str(n) for n in sorted(counts))
     return {CURVES_FIGURE: ("Held-out rewards of each variant every few GRPO steps, on items no variant trained on "
-                            f"(n = {n_text} per point), with 95% intervals (Wilson for accuracy, t for instruction); "
+                            f"(n = {n_text} per point), with 95% intervals (Wilson for accuracy, t for reasoning and instruction); "
                             "step 0 is the SFT model all variants start from, the last step each trained model's end-point table. Curves that rise above step 0's "
                             "interval show the loop learning what its rewards reward.")}
