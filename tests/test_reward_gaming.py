@@ -255,3 +255,14 @@ def test_farming_the_trained_prm_does_not_pay(default_prm_workdir, aggregate):
     wins = int((gap <= 0).sum())
     low = stats.t.interval(0.95, len(gap) - 1, loc=gap.mean(), scale=stats.sem(gap))[0]
     assert wins <= len(gap) // 10 and low > 0, (wins, len(gap), float(gap.mean()), float(low))
+
+
+@pytest.mark.parametrize("line", ["**Answer: B**", "**Answer:** B", "__Answer__: (b)", "### Answer: B", "## answer: b",
+                                  "*Answer*: b", "**Final Answer:** *b*", "> **Answer:** B", "ANSWER: b"])
+def test_markdown_answer_lines_are_the_conclusion_the_prm_scores(line):
+    """R_reas splits off the answer line as the conclusion (scored with the key's sign); a markdown answer line
+    read as one more reasoning step would leave no conclusion, the right letter scored as a wrong one."""
+    text = f"Step 1: {FACTS[0]}\nStep 2: {FACTS[1]}\n{line}"
+    steps, conclusion, letter = scored_steps("Which organ makes insulin?", text, OPTIONS)
+    assert len(steps) == 2, steps  # the two facts; the answer line is not a third step
+    assert conclusion is not None and letter == "B", (conclusion, letter)

@@ -40,7 +40,9 @@ MAX_SCAN_CHARS = 32_768  # steps are looked for in the first this many character
 MAX_STEP_CHARS = 2_000  # a longer segment is cut here (the PRM reads max_length tokens anyway)
 
 _STEP_MARKER = re.compile(r"^(?:step[ \t]*\d+[ \t]*[:.)-]|\d+[ \t]*[.)]|[-*•][ \t]+)[ \t]*", re.IGNORECASE)
-_ANSWER_LINE = re.compile(rf"^\**[ \t]*(?:final[ \t]+)?{ANSWER_PREFIX[:-1]}[ \t]*:", re.IGNORECASE)
+# Markdown around the answer line ("### Answer: C", "> **Answer:** B", "__Answer__: b", "*Answer*: d") is
+# still the answer line: read as a reasoning step, its right letter would score as a missing conclusion.
+_ANSWER_LINE = re.compile(rf"^[#>*_ \t]*(?:final[ \t]+)?{ANSWER_PREFIX[:-1]}[*_ \t]*:", re.IGNORECASE)
 # "Step 1: ... Step 2: ..." on one line: a break goes before each marker. (?<=\S) starts the
 # match at the beginning of a blank run, so a long run is scanned once, not once per position.
 _INLINE_MARKER = re.compile(r"(?<=\S)[ \t]+(?=step[ \t]*\d+[ \t]*[:.)])", re.IGNORECASE)
