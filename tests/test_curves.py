@@ -150,3 +150,29 @@ def test_report_draws_each_variants_curve_from_the_sft_start_with_wilson_interva
     assert list(captions) == [CURVES_FIGURE] and "n = 30, 40, 50" in captions[CURVES_FIGURE]
     assert (tmp_path / f"{CURVES_FIGURE}.png").stat().st_size > 10_000
     assert make_curve_figures(RunData({}, {}, {"full": [row(1)]}), tmp_path / "none") == {}
+
+
+def test_curves_answer_from_the_trainers_rollout_copy_when_its_dtype_matches():
+    """One merged copy of the policy in memory, not two (at 7B a second bf16 copy is ~15 GB)."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from balancedbio.grpo.curves import HeldoutCurves
+    from balancedbio.rollout import RolloutCopy
+
+    policy = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=2))
+    trainer = SimpleNamespace(_rollout_copy=RolloutCopy(policy, "float32"))
+    curve_set = {"every_steps": 1, "max_new_tokens": 4, "batch_size": 2, "items": [{"id": "x"}]}
+    same = HeldoutCurves(trainer, {**curve_set, "dtype": "float32"})
+    assert same.merged_copy(policy) is trainer._rollout_copy
+    with torch.no_grad():  # a policy update reaches the copy the curve answers from
+        policy.lm_head.weight.add_(1.0)
+    assert torch.equal(same.merged_copy(policy).model.lm_head.weight, policy.lm_head.weight)
+    other = HeldoutCurves(trainer, {**curve_set, "dtype": "bfloat16"})
+    copy = other.merged_copy(policy)
+    assert copy is not trainer._rollout_copy and next(copy.model.parameters()).dtype == torch.bfloat16
+    alone = HeldoutCurves(SimpleNamespace(_rollout_copy=None), {**curve_set, "dtype": "float32"})
+    assert isinstance(alone.merged_copy(policy), RolloutCopy)

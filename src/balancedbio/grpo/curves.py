@@ -125,18 +125,27 @@ class HeldoutCurves(TrainerCallback):
 
         return next((f for f in self.trainer.reward_funcs if isinstance(f, ReasoningReward)), None)
 
+    def merged_copy(self, policy):
+        """The policy merged into a copy in the curve set's dtype, synced: the trainer's rollout copy where
+        its dtype is that one (one merged copy in memory, not two), else the callback's own."""
+        import torch
+
+        from balancedbio.rollout import RolloutCopy, faster_dtype
+
+        if self._copy is None:
+            shared = getattr(self.trainer, "_rollout_copy", None)
+            wanted = self.curve_set.get("dtype") or "auto"
+            resolved = faster_dtype(next(policy.parameters()).device) if wanted == "auto" else getattr(torch, wanted)
+            self._copy = shared if shared is not None and shared.dtype == resolved else RolloutCopy(policy, wanted)
+        self._copy.sync(policy)
+        return self._copy
+
     def evaluate(self, model, tokenizer) -> dict[str, float]:
         """Answer the set with the current policy (a merged copy, so the policy's mode and weights stay as they are)."""
-        from balancedbio.rollout import RolloutCopy
-
         started = time.perf_counter()
-        policy = self.trainer.accelerator.unwrap_model(model)
-        if self._copy is None:
-            self._copy = RolloutCopy(policy, self.curve_set.get("dtype") or "auto")
-        else:
-            self._copy.sync(policy)
+        copy = self.merged_copy(self.trainer.accelerator.unwrap_model(model))
         items = self.curve_set["items"]
-        answers = greedy_answers(self._copy.model, tokenizer, [item["prompt"] for item in items],
+        answers = greedy_answers(copy.model, tokenizer, [item["prompt"] for item in items],
                                  max_new_tokens=self.curve_set["max_new_tokens"],
                                  batch_size=self.curve_set["batch_size"])
         record = curve_metrics(score_items(items, answers, self.curve_set.get("instruction_mode", "strict"),
