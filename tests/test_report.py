@@ -366,7 +366,7 @@ def test_report_builds_tables_figures_and_honest_wording(run_dir, tmp_path):
     assert "| full | 4 / 6 | 2 / 4 |" in markdown
     # kg_mcq and the held-out accuracy reward rise significantly; IFEval/IFBench have no significant loss.
     assert ("IFBench strict): met; significant gains: kg_mcq accuracy, held-out accuracy reward; "
-            "significant losses: none.") in markdown
+            "significant losses on IFEval/IFBench strict: none; significant medical losses: none.") in markdown
     assert "cmexam/test.jsonl does not exist" in markdown and "last_logged_loss" in markdown
     assert any(line.startswith("Dynamic vs static weights") for line in summary["findings"])
     assert "differences" in summary["figures"]

@@ -71,10 +71,12 @@ def target_verdict(by_pair: dict) -> dict | None:
         return None
     gains = [c for c in MEDICAL_GAINS if _significant(by_pair, c, +1)]
     losses = [c for c in INSTRUCTION_LOSSES if _significant(by_pair, c, -1)]
+    # Said beside the target, not part of it: a medical loss rules out the gain the target needs anyway.
+    medical_losses = [c for c in MEDICAL_GAINS if _significant(by_pair, c, -1)]
     unjudged = [COMPARED_CAPABILITY[c].label for c in INSTRUCTION_LOSSES
                 if (by_pair[("grpo_full", "base", c)]["diff"] or {}).get("ci_low") is None]
     state = "cannot be judged" if unjudged else "met" if gains and not losses else "not met"
-    return {"state": state, "gains": gains, "losses": losses, "unjudged": unjudged}
+    return {"state": state, "gains": gains, "losses": losses, "medical_losses": medical_losses, "unjudged": unjudged}
 
 
 def _labels(keys) -> str:
@@ -107,7 +109,8 @@ def conclusions(comparisons: list[dict], aoc: list[dict]) -> list[str]:
                    if target["unjudged"] else target["state"])
         lines.append(f"Target (a significant medical gain of grpo_full over base, no significant loss on IFEval or "
                      f"IFBench strict): {verdict}; significant gains: {_labels(target['gains'])}; "
-                     f"significant losses: {_labels(target['losses'])}.")
+                     f"significant losses on IFEval/IFBench strict: {_labels(target['losses'])}; "
+                     f"significant medical losses: {_labels(target['medical_losses'])}.")
     else:
         lines.append("grpo_full or base was not evaluated, so the method's gain is not reported.")
     for first, second in COMPARISONS:
