@@ -43,7 +43,9 @@ def make_trainer(tmp_path, mode: str, controller=None, advantage_aggregation=Non
     ])
     args = GRPOConfig(output_dir=str(tmp_path / mode), per_device_train_batch_size=4, num_generations=2,
                       beta=0.0, max_completion_length=4, loss_type="grpo", use_cpu=True, logging_steps=1,
-                      **{"report_to": [], **(grpo_args or {})})
+                      # fp32: these tests check the passes' arithmetic exactly (TRL defaults to bf16 autocast,
+                      # under which monitor/project run; their agreement with fp32 is test_aoc_probes' and the bench's).
+                      **{"report_to": [], "bf16": False, **(grpo_args or {})})
     trainer = BalancedGRPOTrainer(model=model, reward_funcs=[AccuracyReward(), InstructionReward()], args=args,
                                   train_dataset=dataset, processing_class=_tokenizer(),
                                   weight_controller=controller or PIDWeights(["accuracy", "instruction"]),
