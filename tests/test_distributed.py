@@ -27,6 +27,7 @@ ROWS = 8
 # one capability, the global batch both).
 SCENARIOS = {"mixed": [True, True, False, True, False, True, False, False],
              "split": [True, True, True, True, False, False, False, False]}
+AOC_RUNS = (*sorted(SCENARIOS), "mixed_hessian_vector")  # finite-difference probes; exact H v on the mixed batch
 
 
 def _tokenizer():
@@ -60,12 +61,14 @@ def worker(out_dir: str) -> None:
 
     for scenario in sorted(SCENARIOS):
         _aoc_step(out_dir, scenario)
+    # The CPU default's probes (exact H v by a double backward), on the mixed batch.
+    _aoc_step(out_dir, "mixed", penalty_gradient="hessian_vector", name="mixed_hessian_vector")
     _dynamic_sampling_step(out_dir)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
-def _aoc_step(out_dir: str, scenario: str) -> None:
+def _aoc_step(out_dir: str, scenario: str, penalty_gradient: str = "finite_difference", name: str | None = None) -> None:
     import torch
     from datasets import Dataset
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -95,7 +98,7 @@ def _aoc_step(out_dir: str, scenario: str) -> None:
                                   # the update, so a mis-scaled surrogate could not hide in the tolerance.
                                   aoc_config={"mode": "penalty", "tau": 0.0, "lambda": 30.0,
                                               "lambda_scaling": "constant",
-                                              "penalty_gradient": "finite_difference"})
+                                              "penalty_gradient": penalty_gradient})
     accelerator = trainer.accelerator
     assert accelerator.num_processes == world, (accelerator.num_processes, world)
     trainer.current_gradient_accumulation_steps = 1
@@ -117,7 +120,7 @@ def _aoc_step(out_dir: str, scenario: str) -> None:
     result = {"world": world, "rank": rank, "loss": float(loss), "grad": grads.tolist(), "delta": delta.tolist(),
               **{k: record.get(k) for k in ("s_cos", "l_orth", "aoc_lambda", "aoc_fired", "grad_norm_medical",
                                              "grad_norm_instruction", "grad_norm_penalty", "aoc_note")}}
-    (Path(out_dir) / f"{scenario}_{world}_{rank}.json").write_text(json.dumps(result), encoding="utf-8")
+    (Path(out_dir) / f"{name or scenario}_{world}_{rank}.json").write_text(json.dumps(result), encoding="utf-8")
     accelerator.wait_for_everyone()
 
 
@@ -188,7 +191,7 @@ def _run(tmp_path: Path, processes: int) -> dict[str, list[dict]]:
     out.mkdir()
     run_rank_workers(HERE, out, processes)
     return {scenario: [json.loads((out / f"{scenario}_{processes}_{rank}.json").read_text())
-                       for rank in range(processes)] for scenario in (*SCENARIOS, "sampling")}
+                       for rank in range(processes)] for scenario in (*AOC_RUNS, "sampling")}
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +201,7 @@ def runs(tmp_path_factory) -> dict[int, dict[str, list[dict]]]:
     return {processes: _run(tmp_path, processes) for processes in (1, 2)}
 
 
-@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+@pytest.mark.parametrize("scenario", AOC_RUNS)
 def test_aoc_penalty_step_in_two_processes_matches_one(runs, scenario):
     import torch
 
