@@ -70,6 +70,12 @@ def merged_state(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def copy_dtype(dtype: str, policy: torch.nn.Module) -> torch.dtype:
+    """The torch dtype a merged copy of ``policy`` takes for ``dtype`` (auto: decided for the device the
+    policy, hence the copy, lives on)."""
+    return faster_dtype(next(policy.parameters()).device) if dtype == "auto" else getattr(torch, dtype)
+
+
 class RolloutCopy:
     """A merged (optionally bfloat16) copy of the policy that TRL's generation samples from."""
 
@@ -77,8 +83,7 @@ class RolloutCopy:
         if dtype not in ROLLOUT_WEIGHTS[1:]:
             raise ValueError(f"rollout dtype {dtype!r}: expected one of {ROLLOUT_WEIGHTS[1:]}")
         base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-        # auto: decided for the device the policy (hence the copy) lives on
-        self.dtype = faster_dtype(next(base.parameters()).device) if dtype == "auto" else getattr(torch, dtype)
+        self.dtype = copy_dtype(dtype, policy)
         config = copy.deepcopy(base.config)
         # A fresh model of the same architecture (no adapters), filled by sync() before each use.
         with torch.device("meta"):

@@ -78,10 +78,16 @@ class OrthogonalityMixin:
             self._double_backward, self._record_logps, self._recorded_logps = False, False, None
         return gradients[0], gradients[1], total
 
+    def _fp32_passes(self) -> bool:
+        """Whether AOC's passes run in fp32: forward-difference probes difference fp32 passes; every other pass
+        runs at the training's own precision (bf16 autocast moved S_cos by <= 3e-4, a forward difference to
+        cosine 0.52, an exact H v under autocast 0.9999: bench/README.md, "AOC probes")."""
+        return self.aoc["mode"] == "penalty" and self.aoc["penalty_gradient"] == "finite_difference"
+
     def _probe_loss(self, model, part: dict, scale: float, rng: tuple) -> torch.Tensor:
-        # A probe runs at the precision of the pass it differs from (see orthogonality_step's ``precise``).
-        precise = self.aoc["penalty_gradient"] == "finite_difference"
-        with (_restored_rng(rng), _quiet_loss(self), _fp32_forward(self, model) if precise else contextlib.nullcontext(),
+        # A probe runs at the precision of the pass it differs from.
+        with (_restored_rng(rng), _quiet_loss(self),
+              _fp32_forward(self, model) if self._fp32_passes() else contextlib.nullcontext(),
               self.compute_loss_context_manager()):
             return self._compute_loss(model, part) * scale
 
@@ -197,11 +203,7 @@ class OrthogonalityMixin:
         params = [p for p in module.parameters() if p.requires_grad]
         window = getattr(self, "_aoc_window", None) or AOCWindow()
         self._aoc_window = window
-        # Forward-difference probes difference fp32 passes; every other pass runs at the training's own
-        # precision (bf16 autocast moved S_cos by <= 3e-4, a forward difference to cosine 0.52, an exact
-        # H v under autocast 0.9999: bench/README.md, "AOC probes").
-        precise = self.aoc["mode"] == "penalty" and self.aoc["penalty_gradient"] == "finite_difference"
-        with _fp32_forward(self, module) if precise else contextlib.nullcontext():
+        with _fp32_forward(self, module) if self._fp32_passes() else contextlib.nullcontext():
             grads_r, grads_i, capability_loss = self.capability_gradients(module, inputs, params, differentiable,
                                                                            quiet=distributed)
         # A capability whose groups all had zero reward variance has all-zero advantages: its policy

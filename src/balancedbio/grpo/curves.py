@@ -128,15 +128,13 @@ class HeldoutCurves(TrainerCallback):
     def merged_copy(self, policy):
         """The policy merged into a copy in the curve set's dtype, synced: the trainer's rollout copy where
         its dtype is that one (one merged copy in memory, not two), else the callback's own."""
-        import torch
-
-        from balancedbio.rollout import RolloutCopy, faster_dtype
+        from balancedbio.rollout import RolloutCopy, copy_dtype
 
         if self._copy is None:
             shared = getattr(self.trainer, "_rollout_copy", None)
             wanted = self.curve_set.get("dtype") or "auto"
-            resolved = faster_dtype(next(policy.parameters()).device) if wanted == "auto" else getattr(torch, wanted)
-            self._copy = shared if shared is not None and shared.dtype == resolved else RolloutCopy(policy, wanted)
+            reuse = shared is not None and shared.dtype == copy_dtype(wanted, policy)
+            self._copy = shared if reuse else RolloutCopy(policy, wanted)
         self._copy.sync(policy)
         return self._copy
 
