@@ -75,6 +75,22 @@ def test_a_wrong_final_letter_always_lowers_the_reasoning_reward(aggregate):
 
 
 @pytest.mark.parametrize("aggregate", ["mean", "min"])
+def test_a_chain_that_never_answers_earns_nothing(aggregate):
+    """With the answer key known, steps without an answer line score 0, below the same steps with a
+    wrong letter: under a completion budget, writing more steps must not pay more than concluding
+    (the 2026-12-05 evidence run's policies learnt exactly that when it did)."""
+    chain = "\n".join(f"Step {k}: {fact}" for k, fact in enumerate(FACTS, 1))
+    unanswered, wrong, right = _reasoning([chain, format_reasoning(FACTS, "A"), format_reasoning(FACTS, "B")],
+                                          aggregate=aggregate)
+    assert unanswered == 0.0 < wrong < right
+    reward = ReasoningReward(KeywordPRM(), gamma=0.001, length_target=200, aggregate=aggregate)
+    result = reward.evaluate([QUESTION] * 2, [chain, chain], question=[QUESTION] * 2, options=[OPTIONS] * 2,
+                             answer=["B", None], capability=["medical"] * 2)
+    assert result.counts["no_answer_line"] == 1 and result.success[0] is False
+    assert result.scores[1] > 0.5, "no key (an open question): the steps are scored as before"
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "min"])
 def test_one_good_fact_alone_does_not_outscore_a_sound_chain(aggregate):
     """The farmer's next move after repetition: the single best-scored fact, written once. The
     missing steps count as neutral, so it scores below the two-fact chain it was taken from."""

@@ -15,7 +15,8 @@ score is raised as an error, never returned):
   score being the mean (or min) margin over the completion's distinct reasoning steps
   (``balancedbio.prm.reasoning_steps``, near duplicates once, at most MAX_SCORED_STEPS) with
   the conclusion weighted apart, len(o) its distinct words; 0 for a completion with no
-  reasoning step; applies to medical prompts. See the class for why each piece is there.
+  reasoning step, or with the answer key known and no answer line; applies to medical prompts.
+  See the class for why each piece is there.
 
 A component keeps no state between calls. ``evaluate`` returns a ``RewardResult``: the scores,
 each sample's success (True / False / None), which the PID weight controller reads, and counters
@@ -251,7 +252,12 @@ class ReasoningReward(RewardComponent):
       final letter always lowers R_reas;
     - len(o) counts the distinct words of the scored reasoning steps (not the conclusion, whose
       option text varies by letter), so repeating or padding adds nothing;
-    - 0 when the completion has no reasoning step (the length term rewards reasoning, not filler).
+    - 0 when the completion has no reasoning step (the length term rewards reasoning, not filler);
+    - 0 when the answer key is known and the completion never reaches an answer line (counted as
+      ``no_answer_line``): a chain that does not conclude answers nothing. Scored as a wrong letter
+      (the margin's -1), its steps and length term still paid, so under a completion budget the
+      policy learnt to write steps instead of answers (the 2026-12-05 evidence run: held-out answer
+      lines within 64 tokens fell from 95 to 20 of 225 while R_reas rose and R_acc halved).
     """
 
     name = "reasoning"
@@ -290,13 +296,17 @@ class ReasoningReward(RewardComponent):
                 counts["no_steps"] += 1
                 rewards[i], success[i] = 0.0, False
                 continue
+            key = keys[i].strip().upper() if isinstance(keys[i], str) and keys[i].strip() else None
+            if key is not None and conclusion is None:
+                counts["no_answer_line"] += 1
+                rewards[i], success[i] = 0.0, False
+                continue
             values = by_owner[i]
             if not all(math.isfinite(v) for v in values):
                 raise FloatingPointError(f"reasoning reward: the PRM gave a non-finite step margin ({values}) for "
                                          f"sample {i}; its weights are probably NaN (retrain the PRM)")
             body = values[:len(steps)]
             concluded = values[len(steps)] if conclusion else 0.0
-            key = keys[i].strip().upper() if isinstance(keys[i], str) and keys[i].strip() else None
             if key is not None:
                 concluded = max(concluded, 0.0) if letter == key else min(concluded, 0.0) - 1.0
             # Missing steps below MIN_SCORED_STEPS count as neutral (0): one good fact alone is no chain.
