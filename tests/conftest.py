@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import getpass
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +49,36 @@ SMOKE_OUTPUT = "smoke_run.out"  # Snakemake's output of the smoke run, kept for 
 SMOKE_SLURM = "smoke_run.slurm"  # present when the smoke run went through the local SLURM cluster
 
 
+def pytest_configure(config):
+    # `timeout`, a CI runner or `kill` stop pytest with SIGTERM, which by default ends Python without
+    # running a fixture's cleanup: as KeyboardInterrupt it does run, so the smoke run's SLURM jobs
+    # are cancelled (below) instead of running on for minutes after pytest is gone.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def slurm_job_ids() -> set[str]:
+    """This user's queued or running SLURM job ids (empty where squeue cannot answer)."""
+    try:
+        listed = subprocess.run(["squeue", "--noheader", "--user", getpass.getuser(), "--format=%i"],
+                                capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    return set(listed.stdout.split()) if listed.returncode == 0 else set()
+
+
+def cancel_jobs_since(before: set[str]) -> set[str]:
+    """scancel this user's jobs that were not in ``before`` (a run stopped half way submitted them;
+    killing Snakemake does not cancel them); the ids it cancelled."""
+    started = slurm_job_ids() - before
+    if started:
+        subprocess.run(["scancel", *sorted(started)], capture_output=True, text=True, timeout=60)
+    return started
+
+
 def _local_cluster(mode: str) -> subprocess.CompletedProcess:
     # The first start may install slurm-wlm with apt (waiting for another apt's lock).
     return subprocess.run(["bash", str(LOCAL_CLUSTER), mode], capture_output=True, text=True, timeout=1200)
@@ -81,7 +113,13 @@ def smoke_workdir(tmp_path_factory, local_slurm) -> Path:
     elsewhere on the local cores."""
     workdir = tmp_path_factory.mktemp("smoke_run")
     through = SLURM_ARGS if local_slurm is None else ("--cores", "2")
-    result = run_snakemake(*through, "--configfile", str(TEST_CONFIG), workdir=workdir, env=SMOKE_ENV)
+    before = slurm_job_ids() if local_slurm is None else set()
+    try:
+        result = run_snakemake(*through, "--configfile", str(TEST_CONFIG), workdir=workdir, env=SMOKE_ENV)
+    except BaseException:  # interrupted, timed out or failed: its jobs must not outlive it
+        if local_slurm is None:
+            cancel_jobs_since(before)
+        raise
     (workdir / SMOKE_OUTPUT).write_text(result.stdout + result.stderr, encoding="utf-8")
     if local_slurm is None:
         (workdir / SMOKE_SLURM).touch()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -60,3 +61,31 @@ def test_test_workflow_runs_through_the_slurm_profile(smoke_workdir, local_slurm
         text = log.read_text(errors="replace")  # progress bars cut mid-character
         rule = LOG_RULE.search(str(log)).group(1)
         assert "--executor slurm-jobstep" in text and f"Finished jobid: 0 (Rule: {rule})" in text, log
+
+
+@pytest.mark.slow
+def test_jobs_a_stopped_run_submitted_are_cancelled(local_slurm, tmp_path):
+    """The smoke fixture's cleanup when pytest is stopped (SIGTERM, Ctrl-C) or the run fails: the jobs
+    submitted since it started are cancelled, jobs that were already there are left alone."""
+    if local_slurm is not None:
+        pytest.skip(f"no local SLURM cluster: {local_slurm}")
+    from conftest import cancel_jobs_since, slurm_job_ids
+
+    def submit() -> str:
+        done = subprocess.run(["sbatch", "--parsable", "--output", str(tmp_path / "%j.out"), "--wrap", "sleep 300"],
+                              capture_output=True, text=True, timeout=60, check=True)
+        return done.stdout.strip().split(";")[0]
+
+    earlier = submit()
+    try:
+        before = slurm_job_ids()
+        assert earlier in before
+        stray = submit()
+        assert cancel_jobs_since(before) == {stray}
+        for _ in range(60):  # a cancelled job leaves the queue after its completing state
+            if stray not in slurm_job_ids():
+                break
+            time.sleep(1)
+        assert stray not in slurm_job_ids() and earlier in slurm_job_ids()
+    finally:
+        subprocess.run(["scancel", earlier], capture_output=True, timeout=60)
