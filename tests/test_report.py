@@ -433,6 +433,40 @@ def test_the_target_is_not_judged_without_ifbench(run_dir, tmp_path):
                for line in summary["findings"])
 
 
+def test_a_run_without_benchmarks_is_judged_on_its_held_out_rewards(run_dir, tmp_path):
+    """config/evidence.yaml evaluates no benchmark: the findings, the verdict and the differences table speak
+    of the held-out rewards only, and the target is issue 23's (R_acc and R_inst above base, MDE <= 0.05)."""
+    summary = _build(run_dir, tmp_path / "report", benchmarks=())
+    assert not any("not computable" in line for line in summary["findings"])
+    assert any(line.startswith("grpo_full minus base, held-out accuracy reward: +0.300") for line in summary["findings"])
+    target = next(line for line in summary["findings"] if line.startswith("Held-out target"))
+    # R_acc +0.3 on every item is above 0; R_inst -0.05 is not; neither MDE is defined within 0.05 on 2-3 items.
+    assert ": not met;" in target and "held-out instruction reward -0.050" in target and "not above 0" in target
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert markdown.split("## Verdict", 1)[1].lstrip().startswith("- Held-out target")
+    assert "Table 1: models x benchmarks" not in markdown and "Alignment tax (eq. 2)" not in markdown
+    differences = markdown.split("## Paired differences", 1)[1].split("\n## ", 1)[0]
+    assert "held-out accuracy reward" in differences and "IFEval" not in differences and "kg_mcq" not in differences
+
+
+def _diff(value, low, high, mde):
+    return {"value": value, "ci_low": low, "ci_high": high, "mde": mde, "n": 600, "significant": low > 0 or high < 0,
+            "discordant": 100}
+
+
+@pytest.mark.parametrize(("accuracy", "instruction", "state"), [
+    (_diff(0.06, 0.02, 0.10, 0.04), _diff(0.05, 0.01, 0.09, 0.045), "met"),
+    (_diff(0.06, 0.02, 0.10, 0.06), _diff(0.05, 0.01, 0.09, 0.045), "not met"),   # R_acc's sample too small
+    (_diff(0.03, -0.01, 0.07, 0.04), _diff(0.05, 0.01, 0.09, 0.045), "not met"),  # R_acc's interval holds 0
+])
+def test_the_held_out_target_needs_both_intervals_above_zero_at_the_target_mde(accuracy, instruction, state):
+    from balancedbio.report.findings import heldout_target_verdict
+
+    by_pair = {("grpo_full", "base", "heldout_accuracy"): {"diff": accuracy},
+               ("grpo_full", "base", "heldout_instruction"): {"diff": instruction}}
+    assert heldout_target_verdict(by_pair)["state"] == state
+
+
 def test_html_report_escapes_text_from_the_config_and_from_result_files(run_dir, tmp_path):
     """A config string and strings read from result files reach the page as text, never as markup;
     the Markdown report keeps them verbatim (it is not HTML)."""

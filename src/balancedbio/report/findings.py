@@ -5,7 +5,7 @@ support."""
 from __future__ import annotations
 
 from balancedbio.report.load import COMPARED_CAPABILITIES, COMPARED_CAPABILITY
-from balancedbio.report.stats import COMPARISONS
+from balancedbio.report.stats import COMPARISONS, TARGET_MDE
 from balancedbio.report.tables import _diff_cell, _fmt, _scaled
 
 # What the method must show (grpo_full against base): a significant gain on a medical capability
@@ -13,7 +13,14 @@ from balancedbio.report.tables import _diff_cell, _fmt, _scaled
 MEDICAL_GAINS = ("biomed", "kg_mcq", "heldout_accuracy", "heldout_reasoning")
 INSTRUCTION_LOSSES = ("ifeval", "ifbench")
 HEADLINE = ("biomed", "ifeval", "ifbench")  # the verdict's second line
-SHORT_LABEL = {"biomed": "BIOMED", "ifeval": "IFEval strict", "ifbench": "IFBench strict"}
+SHORT_LABEL = {"biomed": "BIOMED", "ifeval": "IFEval strict", "ifbench": "IFBench strict",
+               "heldout_accuracy": "R_acc", "heldout_reasoning": "R_reas", "heldout_instruction": "R_inst"}
+# A run that evaluates no benchmark (config/evidence.yaml) is judged on its held-out rewards instead
+# (issue 23): grpo_full above base on accuracy and on instruction following, each 95% interval above 0,
+# at a sample size whose minimum detectable effect meets TARGET_MDE.
+BENCHMARK_CAPABILITIES = ("biomed", "kg_mcq", "ifeval", "ifbench")
+HELDOUT_CAPABILITIES = ("heldout_accuracy", "heldout_reasoning", "heldout_instruction")
+HELDOUT_TARGET = ("heldout_accuracy", "heldout_instruction")
 
 
 def describe_difference(name: str, diff: dict | None, accuracy: bool = True) -> str:
@@ -63,12 +70,58 @@ def _significant(by_pair: dict, capability: str, sign: int) -> bool:
     return bool(diff and diff["significant"] and sign * diff["value"] > 0)
 
 
+def heldout_only(by_pair: dict) -> bool:
+    """Whether the run compared models on held-out rewards only (no benchmark evaluated for any model)."""
+    measured = {cap for (_, _, cap), row in by_pair.items() if row["diff"] is not None}
+    return not measured & set(BENCHMARK_CAPABILITIES) and bool(measured & set(HELDOUT_CAPABILITIES))
+
+
+def shown_capabilities(comparisons: list[dict]) -> set[str]:
+    """The capabilities the findings and the differences table speak of: all, but the benchmarks in a
+    held-out-only run (there "not evaluated" on every benchmark row says nothing)."""
+    by_pair = _by_pair(comparisons)
+    if not heldout_only(by_pair):
+        return {c.key for c in COMPARED_CAPABILITIES}
+    return {cap for (_, _, cap), row in by_pair.items() if cap in HELDOUT_CAPABILITIES and row["diff"] is not None}
+
+
+def heldout_target_verdict(by_pair: dict) -> dict:
+    """Issue 23's target on the held-out rewards: for each of HELDOUT_TARGET, whether grpo_full - base has
+    a 95% interval above 0 and an MDE within TARGET_MDE; "met" when both hold for every one."""
+    parts, state = [], "met"
+    for cap in HELDOUT_TARGET:
+        diff = by_pair[("grpo_full", "base", cap)]["diff"]
+        if diff is None or diff["ci_low"] is None:
+            parts.append(f"{COMPARED_CAPABILITY[cap].label} not evaluated for both")
+            state = "cannot be judged"
+            continue
+        above = diff["ci_low"] > 0
+        sized = diff["mde"] is not None and diff["mde"] <= TARGET_MDE[cap]
+        mde = ("MDE undefined (constant differences)" if diff["mde"] is None else
+               f"MDE {diff['mde']:.3f} ({'within' if sized else 'above'} {TARGET_MDE[cap]:g})")
+        parts.append(f"{COMPARED_CAPABILITY[cap].label} {_scaled(diff['value'], False)} "
+                     f"[{_scaled(diff['ci_low'], False)}, {_scaled(diff['ci_high'], False)}], "
+                     f"{'above 0' if above else 'not above 0'}, {mde}")
+        if state == "met" and not (above and sized):
+            state = "not met"
+    return {"kind": "heldout", "state": state, "parts": parts}
+
+
+def _heldout_target_sentence(target: dict) -> str:
+    goals = " and ".join(COMPARED_CAPABILITY[c].label for c in HELDOUT_TARGET)
+    return (f"Held-out target (grpo_full minus base on the {goals}, each 95% interval above 0 at a minimum "
+            f"detectable effect within its target): {target['state']}; {'; '.join(target['parts'])}.")
+
+
 def target_verdict(by_pair: dict) -> dict | None:
     """"met" / "not met" / "cannot be judged" for grpo_full against base, with the significant
     gains and losses (capability keys) and the instruction benchmarks that were not evaluated for
-    both; None when grpo_full or base was not evaluated."""
+    both; None when grpo_full or base was not evaluated. A held-out-only run gets
+    ``heldout_target_verdict``."""
     if ("grpo_full", "base", "biomed") not in by_pair:
         return None
+    if heldout_only(by_pair):
+        return heldout_target_verdict(by_pair)
     gains = [c for c in MEDICAL_GAINS if _significant(by_pair, c, +1)]
     losses = [c for c in INSTRUCTION_LOSSES if _significant(by_pair, c, -1)]
     # Said beside the target, not part of it: a medical loss rules out the gain the target needs anyway.
@@ -76,7 +129,7 @@ def target_verdict(by_pair: dict) -> dict | None:
     unjudged = [COMPARED_CAPABILITY[c].label for c in INSTRUCTION_LOSSES
                 if (by_pair[("grpo_full", "base", c)]["diff"] or {}).get("ci_low") is None]
     state = "cannot be judged" if unjudged else "met" if gains and not losses else "not met"
-    return {"state": state, "gains": gains, "losses": losses, "medical_losses": medical_losses, "unjudged": unjudged}
+    return {"kind": "benchmarks", "state": state, "gains": gains, "losses": losses, "medical_losses": medical_losses, "unjudged": unjudged}
 
 
 def _labels(keys) -> str:
@@ -102,9 +155,15 @@ def conclusions(comparisons: list[dict], aoc: list[dict]) -> list[str]:
     by_pair = _by_pair(comparisons)
     target = target_verdict(by_pair)
     if target is not None:
+        shown = shown_capabilities(comparisons)
         for cap in COMPARED_CAPABILITIES:
+            if cap.key not in shown:
+                continue
             row = by_pair[("grpo_full", "base", cap.key)]
             lines.append(describe_difference(f"grpo_full minus base, {cap.label}", row["diff"], cap.accuracy))
+    if target is not None and target["kind"] == "heldout":
+        lines.append(_heldout_target_sentence(target))
+    elif target is not None:
         verdict = (f"cannot be judged ({', '.join(target['unjudged'])} not evaluated for both)"
                    if target["unjudged"] else target["state"])
         lines.append(f"Target (a significant medical gain of grpo_full over base, no significant loss on IFEval or "
@@ -135,6 +194,14 @@ def verdict(comparisons: list[dict]) -> list[dict]:
     target = target_verdict(by_pair)
     if target is None:
         return [{"text": "No verdict: grpo_full or base was not evaluated.", "state": "open"}]
+    if target["kind"] == "heldout":
+        state = {"met": "good", "not met": "bad"}.get(target["state"], "open")
+        cells = [f"{SHORT_LABEL[c]} {_diff_cell(by_pair[('grpo_full', 'base', c)]['diff'], False)}"
+                 for c in HELDOUT_CAPABILITIES]
+        return [{"text": _heldout_target_sentence(target), "state": state},
+                {"text": f"grpo_full minus base, held-out rewards with 95% CI: {'; '.join(cells)}".rstrip(".") + ".",
+                 "state": "open"},
+                _static_weights_line(by_pair)]
     if target["state"] == "cannot be judged":
         first = {"text": f"Target cannot be judged: {', '.join(target['unjudged'])} not evaluated for both "
                          f"grpo_full and base.", "state": "open"}
@@ -147,9 +214,11 @@ def verdict(comparisons: list[dict]) -> list[dict]:
     cells = [f"{SHORT_LABEL[c]} {_diff_cell(by_pair[('grpo_full', 'base', c)]['diff'])}" for c in HEADLINE]
     second = {"text": f"grpo_full minus base, points with 95% CI: {'; '.join(cells)}".rstrip(".") + ".",
               "state": "open"}
+    return [first, second, _static_weights_line(by_pair)]
+
+
+def _static_weights_line(by_pair: dict) -> dict:
     if ("grpo_full", "grpo_static_weights", "biomed") in by_pair:
-        third = {"text": _comparison_sentence(by_pair, "grpo_full", "grpo_static_weights"), "state": "open"}
-    else:
-        third = {"text": "Dynamic vs static weights: not compared (the static-weights ablation was not evaluated).",
-                 "state": "open"}
-    return [first, second, third]
+        return {"text": _comparison_sentence(by_pair, "grpo_full", "grpo_static_weights"), "state": "open"}
+    return {"text": "Dynamic vs static weights: not compared (the static-weights ablation was not evaluated).",
+            "state": "open"}

@@ -10,7 +10,8 @@ from typing import Iterable
 
 from balancedbio.report.curves import make_curve_figures
 from balancedbio.report.figures import make_figures
-from balancedbio.report.findings import conclusions, steering_findings, verdict
+from balancedbio.report.findings import (HELDOUT_CAPABILITIES, conclusions, shown_capabilities, steering_findings,
+                                        verdict)
 from balancedbio.report.load import (COMPARED_CAPABILITIES, GENERAL_METRIC, IF_BENCHMARKS, TIDY_COLUMNS, RunData,
                                      _medical_items, _read_json, load_dynamics, load_heldout, load_results,
                                      results_frame, subjects_frame)
@@ -124,15 +125,18 @@ def build_report(*, out_dir: str, evaluations: Iterable[str], eval_items: Iterab
     ablation_names = {"biomed": "BIOMED", "ifeval": "IFEval strict", "ifbench": "IFBench strict",
                       "heldout_accuracy": "held-out R_acc", "heldout_reasoning": "held-out R_reas",
                       "heldout_instruction": "held-out R_inst"}
+    # A held-out-only run (no benchmark evaluated) shows no benchmark rows: each would say "not evaluated".
+    shown = shown_capabilities(comparisons)
+    shown_comparisons = [r for r in comparisons if r["capability"] in shown]
     difference_rows = [{"comparison": r["comparison"], "capability": r["label"],
                         "difference [95% CI]": _diff_cell(r["diff"], accuracy[r["capability"]]),
                         "n": r["diff"]["n"] if r["diff"] else "–",
                         "significant": _fmt(r["diff"]["significant"]) if r["diff"] else "–",
                         "min. detectable effect": _mde_cell(r["diff"], r["target_mde"], accuracy[r["capability"]])}
-                       for r in comparisons]
+                       for r in shown_comparisons]
     # Higher is better on every compared capability; a positive alignment tax is a loss.
     difference_classes = [{**{k: "" for k in row}, "difference [95% CI]": significance_class(r["diff"])}
-                          for row, r in zip(difference_rows, comparisons)]
+                          for row, r in zip(difference_rows, shown_comparisons)]
     tax_rows_shown = [{"model": r["model"], "alignment tax IFEval strict": _diff_cell(r["tax_ifeval"]),
                        "alignment tax IFBench strict": _diff_cell(r["tax_ifbench"]),
                        "domain gain BIOMED": _diff_cell(r["domain_gain"]),
@@ -143,16 +147,19 @@ def build_report(*, out_dir: str, evaluations: Iterable[str], eval_items: Iterab
                     "alignment tax IFBench strict": significance_class(r["tax_ifbench"], better_sign=-1),
                     "domain gain BIOMED": significance_class(r["domain_gain"]), "MDE (IFEval / IFBench / BIOMED)": ""}
                    for r in taxes]
+    benchmarks_shown = bool(shown - set(HELDOUT_CAPABILITIES))
     display = [
         Table("Paired differences per capability (first minus second; paired bootstrap 95% CI)",
               _frame(difference_rows), classes=_frame(difference_classes, list(_frame(difference_rows).columns)),
               note=f"Accuracies in points, rewards on their own scale. The minimum detectable effect is "
                    f"(z_0.975 + z_{POWER:g}) x SE of the paired differences: the smallest true difference "
                    f"detected with {100 * POWER:.0f}% power at the 5% level."),
-        Table("Table 1: models x benchmarks (accuracy %, 95% Wilson CI)", _frame(main_table(data))),
-        Table("Alignment tax (eq. 2) and domain gain (paired bootstrap 95% CI, points)",
-              _frame(tax_rows_shown), classes=_frame(tax_classes, list(_frame(tax_rows_shown).columns)),
-              note="Tax = base minus model (positive: the model lost instruction following); gain = model minus base."),
+        *([] if not benchmarks_shown else [
+            Table("Table 1: models x benchmarks (accuracy %, 95% Wilson CI)", _frame(main_table(data))),
+            Table("Alignment tax (eq. 2) and domain gain (paired bootstrap 95% CI, points)",
+                  _frame(tax_rows_shown), classes=_frame(tax_classes, list(_frame(tax_rows_shown).columns)),
+                  note="Tax = base minus model (positive: the model lost instruction following); "
+                       "gain = model minus base.")]),
         Table("Held-out rewards (prompts no model trained on; mean, 95% CI)",
               _frame([{"model": r["model"], "component": r["component"] or "–",
                        "mean [95% CI]": _with_ci(r["mean"], r["ci_low"], r["ci_high"], pct=False)

@@ -283,7 +283,7 @@ def _mde_cell(diff: dict | None, target: float | None, accuracy: bool = True) ->
     text = _scaled(diff["mde"], accuracy).lstrip("+")
     if target is None:
         return text
-    goal = f"the {100 * target:.0f}-pt target"
+    goal = f"the {100 * target:.0f}-pt target" if accuracy else f"the {target:g} target"
     if diff["mde"] > target:  # few differing items understate the spread, so a miss stays a miss
         return f"{text} (misses {goal})"
     if diff["discordant"] < MIN_DISCORDANT_FOR_TARGET:
