@@ -438,7 +438,8 @@ def test_a_run_without_benchmarks_is_judged_on_its_held_out_rewards(run_dir, tmp
     of the held-out rewards only, and the target is issue 23's (R_acc and R_inst above base, MDE <= 0.05)."""
     summary = _build(run_dir, tmp_path / "report", benchmarks=())
     assert not any("not computable" in line for line in summary["findings"])
-    assert any(line.startswith("grpo_full minus base, held-out accuracy reward: +0.300") for line in summary["findings"])
+    assert any(line.startswith("grpo_full minus base, held-out accuracy reward: +0.300")
+               for line in summary["findings"])
     target = next(line for line in summary["findings"] if line.startswith("Held-out target"))
     # R_acc +0.3 on every item is above 0; R_inst -0.05 is not; neither MDE is defined within 0.05 on 2-3 items.
     assert ": not met;" in target and "held-out instruction reward -0.050" in target and "not above 0" in target

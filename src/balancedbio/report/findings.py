@@ -129,7 +129,8 @@ def target_verdict(by_pair: dict) -> dict | None:
     unjudged = [COMPARED_CAPABILITY[c].label for c in INSTRUCTION_LOSSES
                 if (by_pair[("grpo_full", "base", c)]["diff"] or {}).get("ci_low") is None]
     state = "cannot be judged" if unjudged else "met" if gains and not losses else "not met"
-    return {"kind": "benchmarks", "state": state, "gains": gains, "losses": losses, "medical_losses": medical_losses, "unjudged": unjudged}
+    return {"kind": "benchmarks", "state": state, "gains": gains, "losses": losses, "medical_losses": medical_losses,
+            "unjudged": unjudged}
 
 
 def _labels(keys) -> str:
