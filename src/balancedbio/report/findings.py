@@ -70,19 +70,22 @@ def _significant(by_pair: dict, capability: str, sign: int) -> bool:
     return bool(diff and diff["significant"] and sign * diff["value"] > 0)
 
 
+def _measured(by_pair: dict) -> set[str]:
+    """The capabilities on which at least one comparison has a paired difference."""
+    return {cap for (_, _, cap), row in by_pair.items() if row["diff"] is not None}
+
+
 def heldout_only(by_pair: dict) -> bool:
     """Whether the run compared models on held-out rewards only (no benchmark evaluated for any model)."""
-    measured = {cap for (_, _, cap), row in by_pair.items() if row["diff"] is not None}
+    measured = _measured(by_pair)
     return not measured & set(BENCHMARK_CAPABILITIES) and bool(measured & set(HELDOUT_CAPABILITIES))
 
 
 def shown_capabilities(comparisons: list[dict]) -> set[str]:
-    """The capabilities the findings and the differences table speak of: all, but the benchmarks in a
-    held-out-only run (there "not evaluated" on every benchmark row says nothing)."""
+    """The capabilities the findings and the differences table speak of: all, but in a held-out-only run
+    only the measured held-out rewards (there "not evaluated" on every benchmark row says nothing)."""
     by_pair = _by_pair(comparisons)
-    if not heldout_only(by_pair):
-        return {c.key for c in COMPARED_CAPABILITIES}
-    return {cap for (_, _, cap), row in by_pair.items() if cap in HELDOUT_CAPABILITIES and row["diff"] is not None}
+    return _measured(by_pair) if heldout_only(by_pair) else {c.key for c in COMPARED_CAPABILITIES}
 
 
 def heldout_target_verdict(by_pair: dict) -> dict:
