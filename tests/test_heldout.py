@@ -51,6 +51,18 @@ def test_rewards_of_fixed_answers_and_the_table(tmp_path):
                                                                        for r in rows]
 
 
+def test_accuracy_rows_say_whether_the_parser_found_an_answer_and_what_a_guess_earns():
+    answers = ["Step 1: CFTR is the gene.\nAnswer: B",           # answered, right
+               "Step 1: the gene is on chromosome 11.",          # no letter, no option named: not answered
+               "I think (C) HBB, but also maybe something else."]  # answered from prose, wrong
+    rows = score_items(QUESTIONS, answers, "strict")
+    assert [(r["id"], r["answered"], r["reward"]) for r in rows] == [("kg:q1", True, 1.0), ("kg:q2", False, 0.0),
+                                                                     ("kg:q3", True, 0.0)]
+    assert all(r["chance"] == 0.25 for r in rows)
+    instruction = score_items(INSTRUCTIONS[:1], ["plain text"], "strict")
+    assert "answered" not in instruction[0] and "chance" not in instruction[0]
+
+
 class KeywordScorer:
     """A stand-in PRM: a step naming CFTR is valid, any other fallacious; it records what it was asked."""
 

@@ -450,6 +450,39 @@ def test_a_run_without_benchmarks_is_judged_on_its_held_out_rewards(run_dir, tmp
     assert "held-out accuracy reward" in differences and "IFEval" not in differences and "kg_mcq" not in differences
 
 
+def test_held_out_accuracy_is_split_into_answer_rate_and_right_among_answered(run_dir, tmp_path):
+    """Items that say whether R_acc's parser found a letter give the report a table and a finding: base answers
+    20 of 40 questions and is right on 5 (at chance), grpo_full answers 36, right on 30 (above chance)."""
+    def answers(model, answered, right):
+        rows = [{"id": f"kg{i}", "component": "accuracy", "reward": float(i < right), "answered": i < answered,
+                 "chance": 0.25} for i in range(40)]
+        _jsonl(run_dir / "eval" / model / "heldout_rewards.items.jsonl",
+               rows + [{"id": "p0", "component": "instruction", "reward": 0.5}])
+    answers("base", 20, 5)
+    answers("grpo_full", 36, 30)
+    summary = _build(run_dir, tmp_path / "report", benchmarks=())
+    rows = {r["model"]: r for r in _csv(tmp_path / "report" / "tables" / "heldout_answers.csv")}
+    assert set(rows) == {"base", "grpo_full"}  # the other models' items predate the fields: no row
+    low, high = wilson_interval(5 / 20, 20)
+    assert (int(rows["base"]["answered"]), float(rows["base"]["right"])) == (20, 5.0)
+    assert float(rows["base"]["ci_low"]) == pytest.approx(low) and float(rows["base"]["ci_high"]) == pytest.approx(high)
+    assert rows["base"]["above_chance"] == "False" and rows["grpo_full"]["above_chance"] == "True"
+    finding = next(line for line in summary["findings"] if line.startswith("Held-out questions"))
+    assert "a guess is right 25% of the time" in finding
+    assert f"base answered 20 of 40, right on 25.0% [{100 * low:.1f}, {100 * high:.1f}] of them (at chance)" in finding
+    assert "grpo_full answered 36 of 40, right on 83.3%" in finding and "(above chance)" in finding
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    table = markdown.split("## Held-out questions: how often", 1)[1].split("\n## ", 1)[0]
+    assert "| grpo_full | 36 of 40 | 83.3 [" in table and "| 0.750 |" in table
+
+
+def test_items_without_the_answer_fields_give_no_answer_table(run_dir, tmp_path):
+    summary = _build(run_dir, tmp_path / "report", benchmarks=())
+    assert not any(line.startswith("Held-out questions") for line in summary["findings"])
+    assert "## Held-out questions: how often" not in (tmp_path / "report" / "report.md").read_text()
+    assert _csv(tmp_path / "report" / "tables" / "heldout_answers.csv") == []
+
+
 def _diff(value, low, high, mde):
     return {"value": value, "ci_low": low, "ci_high": high, "mde": mde, "n": 600, "significant": low > 0 or high < 0,
             "discordant": 100}

@@ -209,8 +209,21 @@ def score_items(items: list[dict], answers: list[str], instruction_mode: str = "
         for item, text, value in zip(chosen, texts, values):
             if value is None:
                 raise ValueError(f"held-out item {item['id']}: the {component} reward does not apply to it")
-            rows.append({"id": item["id"], "component": component, "reward": float(value), "response": text})
+            row = {"id": item["id"], "component": component, "reward": float(value), "response": text}
+            if component == "accuracy":
+                row.update(answer_parts(text, item["options"]))
+            rows.append(row)
     return rows
+
+
+def answer_parts(text: str, options: dict[str, str]) -> dict:
+    """R_acc = P(answered) x P(right | answered): whether R_acc's parser found a letter in ``text``
+    (``answered``) and the reward a guess would earn (``chance``, 1 / options). The report splits held-out
+    R_acc with them: a policy that answers more often at chance gains R_acc without knowing more."""
+    from balancedbio.answers import extract_choice
+
+    parsed = extract_choice(text, options if isinstance(options, dict) else None)  # as AccuracyReward reads it
+    return {"answered": parsed.letter is not None, "chance": 1.0 / len(options)}
 
 
 def write_heldout_table(model_name: str, rows: list[dict], settings: dict, out_json: str, out_items: str) -> dict:

@@ -37,6 +37,26 @@ def describe_difference(name: str, diff: dict | None, accuracy: bool = True) -> 
     return f"{name}: {value}{unit} ({interval}, n={diff['n']} paired items; {mde}), {verdict}."
 
 
+def heldout_answer_findings(rows: list[dict]) -> list[str]:
+    """One sentence on what held-out R_acc is made of (``tables.heldout_answer_rows``): each model's answer
+    rate and how often its answers were right, against a guess."""
+    if not rows:
+        return []
+    parts = []
+    for row in rows:
+        if not row["answered"]:
+            parts.append(f"{row['model']} answered none of {row['questions']}")
+            continue
+        where = "above chance" if row["above_chance"] else (
+            "at chance" if row["ci_low"] <= row["chance"] <= row["ci_high"] else "below chance")
+        parts.append(f"{row['model']} answered {row['answered']} of {row['questions']}, right on "
+                     f"{_fmt(row['right_of_answered'], True)}% [{_fmt(row['ci_low'], True)}, "
+                     f"{_fmt(row['ci_high'], True)}] of them ({where})")
+    chances = sorted({round(100 * row["chance"], 1) for row in rows})
+    return [f"Held-out questions (R_acc = answer rate x right among answered; a guess is right "
+            f"{' / '.join(f'{c:g}' for c in chances)}% of the time): {'; '.join(parts)}."]
+
+
 def steering_findings(rows: list[dict], bounds: tuple[float, float] | None) -> list[str]:
     lines = []
     for row in rows:

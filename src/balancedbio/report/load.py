@@ -64,7 +64,8 @@ def load_results(result_files: Iterable[str], item_files: Iterable[str]) -> dict
 
 
 def load_heldout(summary_files: Iterable[str], item_files: Iterable[str]) -> dict[str, dict]:
-    """{model: {"summary": heldout_rewards.json, "items": {"component:id": reward}}}."""
+    """{model: {"summary": heldout_rewards.json, "items": {"component:id": reward}, "answers": [(answered,
+    reward, chance)] of its R_acc rows (empty for items written before rows said whether they answered)}}."""
     summary_files = [str(p) for p in summary_files]
     items_of = _declared_items(summary_files, item_files)
     heldout = {}
@@ -73,6 +74,7 @@ def load_heldout(summary_files: Iterable[str], item_files: Iterable[str]) -> dic
         if "model" not in summary or "status" not in summary:
             raise ValueError(f"{path}: held-out reward summary without 'model' or 'status'")
         items: dict[str, float] = {}
+        answers: list[tuple[bool, float, float]] = []
         items_file = items_of[path]
         if summary["status"] == "ok" and items_file is None:
             raise ValueError(f"{path}: its items file {_items_path(path)} is not among the report's inputs")
@@ -85,7 +87,9 @@ def load_heldout(summary_files: Iterable[str], item_files: Iterable[str]) -> dic
             if key in items:
                 raise ValueError(f"{items_file}: row {line} repeats {key}")
             items[key] = reward
-        heldout[summary["model"]] = {"summary": summary, "items": items}
+            if row["component"] == "accuracy" and "answered" in row:
+                answers.append((bool(row["answered"]), reward, float(row["chance"])))
+        heldout[summary["model"]] = {"summary": summary, "items": items, "answers": answers}
     return heldout
 
 

@@ -10,15 +10,15 @@ from typing import Iterable
 
 from balancedbio.report.curves import make_curve_figures
 from balancedbio.report.figures import make_figures
-from balancedbio.report.findings import (HELDOUT_CAPABILITIES, conclusions, shown_capabilities, steering_findings,
-                                        verdict)
+from balancedbio.report.findings import (HELDOUT_CAPABILITIES, conclusions, heldout_answer_findings,
+                                        shown_capabilities, steering_findings, verdict)
 from balancedbio.report.load import (COMPARED_CAPABILITIES, GENERAL_METRIC, IF_BENCHMARKS, TIDY_COLUMNS, RunData,
                                      _medical_items, _read_json, load_dynamics, load_heldout, load_results,
                                      results_frame, subjects_frame)
 from balancedbio.report.stats import POWER, pooled, wilson_interval
 from balancedbio.report.tables import (Table, _diff_cell, _diff_columns, _fmt, _frame, _mde_cell, _with_ci,
-                                       ablation_rows, alignment_tax, aoc_rows, comparison_rows, heldout_rows,
-                                       main_table, significance_class, steering_rows)
+                                       ablation_rows, alignment_tax, aoc_rows, comparison_rows, heldout_answer_rows,
+                                       heldout_rows, main_table, significance_class, steering_rows)
 
 log = logging.getLogger(__name__)
 LEAD_FIGURE = "differences"  # the page opens with the verdict and this figure
@@ -56,7 +56,7 @@ def build_report(*, out_dir: str, evaluations: Iterable[str], eval_items: Iterab
     bounds = ((weights_config["min_weight"], weights_config["max_weight"])
               if {"min_weight", "max_weight"} <= set(weights_config) else None)
     steering = steering_rows(data.dynamics, bounds)
-    held = heldout_rows(data)
+    held, answers = heldout_rows(data), heldout_answer_rows(data)
     skipped_rows = _read_json(skipped) if skipped else [
         {"model": m, "benchmark": b, "reason": r["reason"]} for m in data.models
         for b, r in sorted(data.results.get(m, {}).items()) if r.get("status") == "skipped"]
@@ -98,6 +98,8 @@ def build_report(*, out_dir: str, evaluations: Iterable[str], eval_items: Iterab
               "mmlu_subjects": subjects,
               "alignment_tax": _frame(tax_rows, TIDY_COLUMNS + ["significant", "mde"]),
               "heldout_rewards": _frame(held, ["model", "component", "mean", "n", "ci_low", "ci_high", "status"]),
+              "heldout_answers": _frame(answers, ["model", "questions", "answered", "answered_fraction", "right",
+                                                  "right_of_answered", "ci_low", "ci_high", "chance", "above_chance"]),
               "table2_ablations": _frame(ablations),
               "aoc": _frame(aoc, ["variant", "steps", "s_cos_defined", "fired", "defined_fraction",
                                   "fired_fraction_of_defined", "mean_abs_s_cos", "max_abs_s_cos",
@@ -118,7 +120,7 @@ def build_report(*, out_dir: str, evaluations: Iterable[str], eval_items: Iterab
     tau = ((config or {}).get("aoc") or {}).get("tau")
     figures = make_figures(data, comparisons, fig_dir, tau=tau)
     figures.update(make_curve_figures(data, fig_dir))  # held-out learning curves, when logged
-    findings = conclusions(comparisons, aoc) + steering_findings(steering, bounds)
+    findings = conclusions(comparisons, aoc) + heldout_answer_findings(answers) + steering_findings(steering, bounds)
 
     accuracy = {c.key: c.accuracy for c in COMPARED_CAPABILITIES}
     pct_columns = {"biomed", "kg_mcq", "ifeval", "ifbench"}
@@ -166,6 +168,16 @@ def build_report(*, out_dir: str, evaluations: Iterable[str], eval_items: Iterab
                        if r["status"] == "ok" else "not evaluated",
                        "n": r["n"] if r["n"] is not None else "–",
                        "status": r["status"]} for r in held])),
+        *([] if not answers else [Table(
+            "Held-out questions: how often each model answered, and how often its answers were right",
+            _frame([{"model": r["model"], "answered": f"{r['answered']} of {r['questions']}",
+                     "right among answered, % [95% CI]": _with_ci(r["right_of_answered"], r["ci_low"], r["ci_high"])
+                     if r["answered"] else "–",
+                     "a guess": f"{_fmt(r['chance'], True)}%", "R_acc": f"{r['right'] / r['questions']:.3f}"}
+                    for r in answers]),
+            note="R_acc = answer rate x right among answered. Answered: R_acc's parser found a letter. An "
+                 "interval that holds a guess's rate means the answers know nothing of these questions: R_acc "
+                 "then grows only by answering more often.")]),
         Table("Table 2: GRPO variants (ablations)",
               _frame([{ablation_names.get(k, k): (_fmt(v, k in pct_columns) if not isinstance(v, str) else v)
                        for k, v in r.items()} for r in ablations]),

@@ -162,6 +162,27 @@ def heldout_rows(data: RunData) -> list[dict]:
     return rows
 
 
+def heldout_answer_rows(data: RunData) -> list[dict]:
+    """Held-out R_acc split as P(answered) x P(right | answered), per model whose item rows say whether R_acc's
+    parser found an answer: how often it answered, how often its answers were right (Wilson 95% CI) and the
+    reward of a guess (``chance``). An interval that holds ``chance`` says the answers carry no knowledge of
+    these questions: R_acc then grows only with the answer rate."""
+    rows = []
+    for model in data.models:
+        answers = (data.heldout.get(model) or {}).get("answers") or []
+        if not answers:
+            continue
+        answered = [(reward, chance) for was_answered, reward, chance in answers if was_answered]
+        right = sum(reward for reward, _ in answered)
+        chance = float(np.mean([chance for _, _, chance in answers]))
+        low, high = wilson_interval(right / len(answered), len(answered)) if answered else (None, None)
+        rows.append({"model": model, "questions": len(answers), "answered": len(answered),
+                     "answered_fraction": len(answered) / len(answers), "right": right,
+                     "right_of_answered": right / len(answered) if answered else None, "ci_low": low, "ci_high": high,
+                     "chance": chance, "above_chance": bool(answered) and low > chance})
+    return rows
+
+
 # -- display tables: strings for Markdown, the same cells with a CSS class each for HTML ---------
 
 # HTML classes of a difference cell, and the marker shown before its text (legible without colour).
