@@ -452,7 +452,7 @@ def test_a_run_without_benchmarks_is_judged_on_its_held_out_rewards(run_dir, tmp
 
 def test_held_out_accuracy_is_split_into_answer_rate_and_right_among_answered(run_dir, tmp_path):
     """Items that say whether R_acc's parser found a letter give the report a table and a finding: base answers
-    20 of 40 questions and is right on 5 (at chance), grpo_full answers 36, right on 30 (above chance)."""
+    20 of 40 questions and is right on 5 (indistinguishable from a guess), grpo_full answers 36, right on 30 (above)."""
     def answers(model, answered, right):
         rows = [{"id": f"kg{i}", "component": "accuracy", "reward": float(i < right), "answered": i < answered,
                  "chance": 0.25} for i in range(40)]
@@ -469,8 +469,8 @@ def test_held_out_accuracy_is_split_into_answer_rate_and_right_among_answered(ru
     assert rows["base"]["above_chance"] == "False" and rows["grpo_full"]["above_chance"] == "True"
     finding = next(line for line in summary["findings"] if line.startswith("Held-out questions"))
     assert "a guess is right 25% of the time" in finding
-    assert f"base answered 20 of 40, right on 25.0% [{100 * low:.1f}, {100 * high:.1f}] of them (at chance)" in finding
-    assert "grpo_full answered 36 of 40, right on 83.3%" in finding and "(above chance)" in finding
+    assert f"base answered 20 of 40, right on 25.0% [{100 * low:.1f}, {100 * high:.1f}] of them (indistinguishable from a guess)" in finding
+    assert "grpo_full answered 36 of 40, right on 83.3%" in finding and "(above a guess)" in finding
     markdown = (tmp_path / "report" / "report.md").read_text()
     table = markdown.split("## Held-out questions: how often", 1)[1].split("\n## ", 1)[0]
     assert "| grpo_full | 36 of 40 | 83.3 [" in table and "| 0.750 |" in table

@@ -47,8 +47,8 @@ def heldout_answer_findings(rows: list[dict]) -> list[str]:
         if not row["answered"]:
             parts.append(f"{row['model']} answered none of {row['questions']}")
             continue
-        where = "above chance" if row["above_chance"] else (
-            "at chance" if row["ci_low"] <= row["chance"] <= row["ci_high"] else "below chance")
+        where = "above a guess" if row["above_chance"] else (
+            "indistinguishable from a guess" if row["ci_low"] <= row["chance"] <= row["ci_high"] else "below a guess")
         parts.append(f"{row['model']} answered {row['answered']} of {row['questions']}, right on "
                      f"{_fmt(row['right_of_answered'], True)}% [{_fmt(row['ci_low'], True)}, "
                      f"{_fmt(row['ci_high'], True)}] of them ({where})")
