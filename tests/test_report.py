@@ -476,6 +476,14 @@ def test_held_out_accuracy_is_split_into_answer_rate_and_right_among_answered(ru
     assert "| grpo_full | 36 of 40 | 83.3 [" in table and "| 0.750 |" in table
 
 
+def test_an_answered_row_without_its_chance_names_the_file_and_row(run_dir):
+    items = run_dir / "eval" / "sft" / "heldout_rewards.items.jsonl"
+    _jsonl(items, [{"id": "kg0", "component": "accuracy", "reward": 1.0, "answered": True, "chance": 0.25},
+                   {"id": "kg1", "component": "accuracy", "reward": 0.0, "answered": False}])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(items))}: row 2 .*chance"):
+        _data(run_dir)
+
+
 def test_items_without_the_answer_fields_give_no_answer_table(run_dir, tmp_path):
     summary = _build(run_dir, tmp_path / "report", benchmarks=())
     assert not any(line.startswith("Held-out questions") for line in summary["findings"])

@@ -88,7 +88,11 @@ def load_heldout(summary_files: Iterable[str], item_files: Iterable[str]) -> dic
                 raise ValueError(f"{items_file}: row {line} repeats {key}")
             items[key] = reward
             if row["component"] == "accuracy" and "answered" in row:
-                answers.append((bool(row["answered"]), reward, float(row["chance"])))
+                try:
+                    answers.append((bool(row["answered"]), reward, float(row["chance"])))
+                except (KeyError, TypeError, ValueError) as err:
+                    raise ValueError(f"{items_file}: row {line} says whether it answered but needs a numeric "
+                                     f"chance too ({err})") from None
         heldout[summary["model"]] = {"summary": summary, "items": items, "answers": answers}
     return heldout
 
