@@ -47,11 +47,9 @@ def heldout_answer_findings(rows: list[dict]) -> list[str]:
         if not row["answered"]:
             parts.append(f"{row['model']} answered none of {row['questions']}")
             continue
-        where = "above a guess" if row["above_chance"] else (
-            "indistinguishable from a guess" if row["ci_low"] <= row["chance"] <= row["ci_high"] else "below a guess")
         parts.append(f"{row['model']} answered {row['answered']} of {row['questions']}, right on "
                      f"{_fmt(row['right_of_answered'], True)}% [{_fmt(row['ci_low'], True)}, "
-                     f"{_fmt(row['ci_high'], True)}] of them ({where})")
+                     f"{_fmt(row['ci_high'], True)}] of them ({row['versus_guess']} a guess)")
     chances = sorted({round(100 * row["chance"], 1) for row in rows})
     return [f"Held-out questions (R_acc = answer rate x right among answered; a guess is right "
             f"{' / '.join(f'{c:g}' for c in chances)}% of the time): {'; '.join(parts)}."]

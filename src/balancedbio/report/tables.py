@@ -172,14 +172,16 @@ def heldout_answer_rows(data: RunData) -> list[dict]:
         answers = (data.heldout.get(model) or {}).get("answers") or []
         if not answers:
             continue
-        answered = [(reward, chance) for was_answered, reward, chance in answers if was_answered]
-        right = sum(reward for reward, _ in answered)
+        answered = [reward for was_answered, reward, _ in answers if was_answered]
+        right = sum(answered)
         chance = float(np.mean([chance for _, _, chance in answers]))
         low, high = wilson_interval(right / len(answered), len(answered)) if answered else (None, None)
+        versus_guess = (None if not answered else "above" if low > chance else "below" if high < chance
+                        else "indistinguishable from")
         rows.append({"model": model, "questions": len(answers), "answered": len(answered),
                      "answered_fraction": len(answered) / len(answers), "right": right,
                      "right_of_answered": right / len(answered) if answered else None, "ci_low": low, "ci_high": high,
-                     "chance": chance, "above_chance": bool(answered) and low > chance})
+                     "chance": chance, "above_chance": versus_guess == "above", "versus_guess": versus_guess})
     return rows
 
 
